@@ -1,0 +1,49 @@
+"""sparse_attention(): estimate -> budget -> kernel, the one entry point of the sparse path."""
+
+from __future__ import annotations
+
+import torch
+
+from .budget import layout_from_scores
+from .config import SparsePrefillConfig
+from .estimate import estimate_block_scores
+from .kernels import block_sparse_attention
+from .kernels.reference import check_attention_inputs
+from .layout import BlockLayout
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SparsePrefillConfig | None = None,
+    scale: float | None = None,
+    key_range: torch.Tensor | None = None,
+) -> BlockLayout:
+    """The BlockLayout the sparse path would use for q [B, Hq, Lq, D] over k [B, Hkv, Lk, D]."""
+    config = config or SparsePrefillConfig()
+    scores = estimate_block_scores(q, k, config, scale=scale, key_range=key_range)
+    return layout_from_scores(scores, q, k, config, scale=scale, key_range=key_range)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: SparsePrefillConfig | None = None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    key_range: torch.Tensor | None = None,
+    return_layout: bool = False,
+):
+    """Causal block-sparse attention: choose blocks for q over k, then attend to them exactly.
+
+    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (Hq a multiple of Hkv; the queries are the last Lq
+    positions). Returns the output [B, Hq, Lq, D], and the BlockLayout with `return_layout`.
+    """
+    config = config or SparsePrefillConfig()
+    check_attention_inputs(q, k, v)
+    layout = select_blocks(q, k, config, scale=scale, key_range=key_range)
+    out = block_sparse_attention(q, k, v, layout, causal=True, scale=scale, softcap=softcap, key_range=key_range,
+                                 backend=config.backend)
+    return (out, layout) if return_layout else out

@@ -1,0 +1,100 @@
+"""SparsePrefillConfig: every knob of the sparse prefill, validated once.
+
+The defaults are the ones we benchmark (see bench/RESULTS.md). Each field says what it trades: more
+kept blocks cost time and buy accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+_BACKENDS = ("auto", "triton", "torch")
+_BLOCK_SIZES = (64, 128)
+
+
+@dataclass(frozen=True)
+class SparsePrefillConfig:
+    """How block-sparse prefill chooses and computes attention.
+
+    Attributes:
+        block_size: tokens per query block and per key block (64 or 128). Smaller blocks select more
+            precisely but cost more selection work per token.
+        gamma: share of each head's attention mass that the kept key blocks must cover, in (0, 1].
+            1.0 keeps every causal block (exact dense attention, computed block-sparsely).
+        min_budget_tokens: every (head, query block) keeps at least this many key tokens' worth of
+            blocks (rounded up to blocks), so short rows and flat heads are never starved.
+        sink_blocks: leading key blocks always kept (attention sinks; the first tokens draw mass in
+            every trained model).
+        local_blocks: key blocks right before each query block's diagonal that are always kept. The
+            causal diagonal block(s) themselves are always kept on top of this.
+        stride: the estimate scores every `stride`-th query and key token; larger is cheaper and
+            coarser. It must divide `block_size`.
+        proxy_heads: "kv" pools the query heads of each KV group into one proxy head (ProxyAttn);
+            an int asks for that many proxies (it must divide the number of KV heads, or be a
+            multiple of it that divides the number of query heads).
+        min_seq_len: prefill calls whose key length is below this stay dense and exact. None picks
+            `auto_min_seq_len()`, the length above which sparse prefill has paid on an H100/H200 GPU.
+        backend: "auto" uses the Triton kernels for fp16/bf16 on CUDA and the PyTorch reference
+            elsewhere; "triton" or "torch" force one.
+    """
+
+    block_size: int = 128
+    gamma: float = 0.95
+    min_budget_tokens: int = 2048
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    stride: int = 4
+    proxy_heads: str | int = "kv"
+    min_seq_len: int | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        def fail(field: str, allowed: str) -> None:
+            raise ValueError(
+                f"SparsePrefillConfig.{field}={getattr(self, field)!r} is not allowed: {field} must be {allowed}."
+            )
+
+        if isinstance(self.block_size, bool) or self.block_size not in _BLOCK_SIZES:
+            fail("block_size", "64 or 128")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0 < self.gamma <= 1:
+            fail("gamma", "a number in (0, 1]; 1.0 keeps every causal block")
+        for name in ("min_budget_tokens", "sink_blocks", "local_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(name, "an int >= 0")
+        if (isinstance(self.stride, bool) or not isinstance(self.stride, int) or not 1 <= self.stride <= self.block_size
+                or self.block_size % self.stride):
+            fail("stride", f"an int >= 1 that divides block_size={self.block_size} (1, 2, 4, 8, ...)")
+        if self.proxy_heads != "kv" and (
+            isinstance(self.proxy_heads, bool) or not isinstance(self.proxy_heads, int) or self.proxy_heads < 1
+        ):
+            fail("proxy_heads", '"kv" or an int >= 1')
+        if self.min_seq_len is not None and (
+            isinstance(self.min_seq_len, bool) or not isinstance(self.min_seq_len, int) or self.min_seq_len < 0
+        ):
+            fail("min_seq_len", "None (automatic) or an int >= 0")
+        if self.backend not in _BACKENDS:
+            fail("backend", " or ".join(repr(b) for b in _BACKENDS))
+
+    @property
+    def min_budget_blocks(self) -> int:
+        """`min_budget_tokens` rounded up to whole blocks."""
+        return -(-self.min_budget_tokens // self.block_size)
+
+    @property
+    def effective_min_seq_len(self) -> int:
+        """The dense/sparse threshold actually applied (resolves `min_seq_len=None`)."""
+        return auto_min_seq_len(self) if self.min_seq_len is None else self.min_seq_len
+
+    def replace(self, **changes) -> SparsePrefillConfig:
+        """A validated copy with some fields changed."""
+        return replace(self, **changes)
+
+
+def auto_min_seq_len(config: SparsePrefillConfig) -> int:
+    """Below this key length, selection overhead eats the saving, so prefill stays dense.
+
+    With the default budget a row keeps at least `min_budget_tokens` keys, so nothing is saved until
+    the context is a few times longer than that; we start at twice the budget, and never below 4096.
+    """
+    return max(4096, 2 * config.min_budget_tokens)

@@ -1,0 +1,162 @@
+"""patch_model / unpatch_model for transformers models, through `AttentionInterface`.
+
+For a model whose attention implementation was `prev` ("sdpa", "eager" or a flash attention),
+we register one attention function under "sparse_prefill:<prev>" and the mask function `prev`
+already uses, then switch the model to that name. The function runs the sparse path for long
+causal prefill and hands everything else (decode, short prompts, features the sparse path lacks)
+to `prev` unchanged, so dense results stay bit-identical. `unpatch_model` switches back.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+from collections.abc import Callable
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..attention import sparse_attention
+from ..config import SparsePrefillConfig
+from ..kernels import triton_supports
+from .masks import key_range_from_mask
+
+PREFIX = "sparse_prefill:"
+_SUPPORTED_PREVIOUS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+class SparsePrefillWarning(UserWarning):
+    """A call went to dense attention for a reason the user may want to know (said once per reason)."""
+
+
+# Per attention module: the config it runs with. Weak keys: a deleted model leaves nothing behind.
+_CONFIGS: weakref.WeakKeyDictionary[torch.nn.Module, SparsePrefillConfig] = weakref.WeakKeyDictionary()
+# Per model: the implementation to restore on unpatch.
+_PREVIOUS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"sparse_prefill: dense attention used for {reason}.", SparsePrefillWarning, stacklevel=3)
+
+
+def _previous_attention(previous: str, module: torch.nn.Module) -> Callable:
+    if previous == "eager":
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise NotImplementedError(f"{type(module).__name__} has no eager_attention_forward to fall back to.")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[previous]
+
+
+def _dense_reason(module, query, key, attention_mask, dropout, kwargs, config) -> tuple[str | None, bool]:
+    """(why this call must be dense, whether to warn), or (None, _) for the sparse path."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if q_len < config.block_size or k_len < config.effective_min_seq_len:
+        return "decode or a short prompt", False
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        return f"non-causal attention in {type(module).__name__}", True
+    window = kwargs.get("sliding_window")
+    if window is not None and window < k_len:
+        return "sliding-window layers (they keep their exact windowed attention)", True
+    if kwargs.get("output_attentions"):
+        return "output_attentions=True (the sparse path computes no attention weights)", True
+    if dropout and module.training:
+        return "attention dropout in training mode", True
+    for name in ("s_aux", "sinks", "position_bias", "head_mask"):
+        if kwargs.get(name) is not None:
+            return f"`{name}` (not supported by the sparse path)", True
+    if query.is_cuda and config.backend == "auto" and triton_supports(query, config.block_size) is not None:
+        return triton_supports(query, config.block_size), True
+    return None, False
+
+
+def _make_attention(previous: str) -> Callable:
+    def sparse_prefill_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        config = _CONFIGS.get(module)
+        dense = _previous_attention(previous, module)
+        if config is None:
+            return dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        reason, loud = _dense_reason(module, query, key, attention_mask, dropout, kwargs, config)
+        key_range = None
+        if reason is None:
+            key_range, reason = key_range_from_mask(attention_mask, query.shape[2], key.shape[2])
+            loud = True
+        if reason is not None:
+            if loud:
+                _warn_once(reason)
+            return dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out = sparse_attention(query, key, value, config, scale=scaling, softcap=kwargs.get("softcap"),
+                               key_range=key_range)
+        return out.transpose(1, 2).contiguous(), None
+
+    sparse_prefill_attention.__name__ = f"sparse_prefill_attention_over_{previous}"
+    return sparse_prefill_attention
+
+
+def _register(previous: str) -> str:
+    name = PREFIX + previous
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _make_attention(previous))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
+    return name
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    """Whether `patch_model` switched this model to sparse prefill (and it was not unpatched)."""
+    return model in _PREVIOUS
+
+
+def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = None) -> torch.nn.Module:
+    """Make every causal self-attention layer of a transformers model run block-sparse prefill.
+
+    Decode steps, prompts shorter than `config.min_seq_len` and anything the sparse path cannot do
+    exactly run the model's previous attention implementation unchanged. Patching again only
+    replaces the config. Returns the model.
+    """
+    config = config or SparsePrefillConfig()
+    if not isinstance(config, SparsePrefillConfig):
+        raise TypeError(f"config must be a SparsePrefillConfig, got {type(config).__name__}.")
+    model_config = getattr(model, "config", None)
+    if model_config is None or not hasattr(model, "set_attn_implementation"):
+        raise NotImplementedError(
+            f"{type(model).__name__} is not a transformers PreTrainedModel; patch_model needs one.")
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise NotImplementedError(
+            f"{type(model).__name__} is an encoder-decoder model; sparse prefill is for decoder-only causal LMs.")
+    if not model._can_set_attn_implementation():
+        raise NotImplementedError(
+            f"{type(model).__name__}'s attention does not go through transformers' AttentionInterface, so "
+            "sparse_prefill cannot hook it. Use a model class that calls ALL_ATTENTION_FUNCTIONS.")
+    attention_modules = [m for m in model.modules() if hasattr(m, "is_causal") and "Attention" in type(m).__name__]
+    if not any(m.is_causal for m in attention_modules):
+        raise NotImplementedError(
+            f"{type(model).__name__} has no causal self-attention layer; sparse prefill is for causal LMs.")
+
+    previous = _PREVIOUS.get(model, model_config._attn_implementation)
+    if previous not in _SUPPORTED_PREVIOUS:
+        raise ValueError(
+            f"{type(model).__name__} uses attn_implementation={previous!r}; sparse_prefill falls back to 'sdpa', "
+            "'eager' or flash attention. Call model.set_attn_implementation('sdpa') first.")
+    model.set_attn_implementation(_register(previous))
+    _PREVIOUS[model] = previous
+    for module in model.modules():
+        _CONFIGS[module] = config
+    _warned.clear()
+    return model
+
+
+def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Restore the attention implementation the model had before `patch_model`. Returns the model."""
+    previous = _PREVIOUS.pop(model, None)
+    if previous is None:
+        return model
+    model.set_attn_implementation(previous)
+    for module in model.modules():
+        _CONFIGS.pop(module, None)
+    return model
