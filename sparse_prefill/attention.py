@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .budget import layout_from_scores
 from .config import SparsePrefillConfig
 from .estimate import estimate_block_scores
 from .kernels import block_sparse_attention
-from .kernels.reference import check_attention_inputs
+from .kernels.reference import check_attention_inputs, check_key_range
 from .layout import BlockLayout
 
 
@@ -43,7 +45,10 @@ def sparse_attention(
     """
     config = config or SparsePrefillConfig()
     check_attention_inputs(q, k, v)
-    layout = select_blocks(q, k, config, scale=scale, key_range=key_range)
-    out = block_sparse_attention(q, k, v, layout, causal=True, scale=scale, softcap=softcap, key_range=key_range,
-                                 backend=config.backend)
+    check_key_range(key_range, q)
+    # Under a device_map the current CUDA device is not q's: every launch below must go to q's device.
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        layout = select_blocks(q, k, config, scale=scale, key_range=key_range)
+        out = block_sparse_attention(q, k, v, layout, causal=True, scale=scale, softcap=softcap,
+                                     key_range=key_range, backend=config.backend)
     return (out, layout) if return_layout else out

@@ -34,6 +34,23 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}).")
     if q.shape[2] > k.shape[2]:
         raise ValueError(f"more queries ({q.shape[2]}) than keys ({k.shape[2]}): queries are the last keys' positions.")
+    if not (q.dtype.is_floating_point and k.dtype.is_floating_point and v.dtype.is_floating_point):
+        raise ValueError(f"q, k, v must be floating point; got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}.")
+
+
+def check_key_range(key_range: torch.Tensor | None, q: torch.Tensor) -> None:
+    """Raise a ValueError unless key_range is None or an integer tensor [B, 2] on q's device."""
+    if key_range is None:
+        return
+    if not isinstance(key_range, torch.Tensor) or key_range.dtype.is_floating_point or key_range.dtype == torch.bool:
+        got = key_range.dtype if isinstance(key_range, torch.Tensor) else type(key_range).__name__
+        raise ValueError(f"key_range must be an integer tensor [B, 2] of (start, end) per row; got {got}.")
+    if tuple(key_range.shape) != (q.shape[0], 2):
+        raise ValueError(f"key_range must have shape [B, 2] = [{q.shape[0]}, 2]; got {tuple(key_range.shape)}.")
+    if key_range.device != q.device:
+        raise ValueError(f"key_range is on {key_range.device} but q is on {q.device}; move it with .to().")
 
 
 def token_mask(
@@ -82,6 +99,7 @@ def block_sparse_attention_reference(
     log-sum-exp of each row's scores, fp32 [B, Hq, Lq].
     """
     check_attention_inputs(q, k, v)
+    check_key_range(key_range, q)
     batch, hq, q_len, dim = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
     group = hq // hkv

@@ -1,66 +1,140 @@
 """Reading a transformers attention mask as per-row key ranges, or saying why it cannot be.
 
 The sparse path handles causal attention over one contiguous range of valid keys per batch row,
-which is what left or right padding produces. Any other mask (packed sequences, custom biases)
-goes to the dense implementation. The mask is the same object for every layer of one forward, so
-the last answer is cached against it.
+which is what left or right padding produces. Any other mask (packed sequences, custom biases,
+windows) goes to the dense implementation. Static caches add one twist: they hand every slot of
+the cache to the attention, and the slots past the last query are empty (masked out); the reading
+says how many keys are real so the sparse path can drop the rest.
+
+Reading a mask costs a few host synchronisations and a pass over [B, Lq, Lk]. The mask is the
+same tensor for every layer of one forward, so the answer is stored on the tensor itself (per
+query/key length and tensor version) and later layers pay nothing.
 """
 
 from __future__ import annotations
 
-import weakref
+from dataclasses import dataclass
 
 import torch
 
-_last: tuple[weakref.ref, int, torch.Tensor | None, str | None] | None = None
+_QUERY_ROWS_PER_STEP = 1024  # mask rows checked at once: bounds the checking memory to O(B * 1024 * Lk)
+_CACHE_ATTRIBUTE = "_sparse_prefill_readings"
 
 
-def key_range_from_mask(mask: torch.Tensor | None, q_len: int, k_len: int) -> tuple[torch.Tensor | None, str | None]:
-    """(key_range int32 [B, 2] or None, None) when the mask is causal + padding, else (None, reason).
+@dataclass(frozen=True)
+class MaskReading:
+    """What the sparse path needs to know from a causal + padding mask.
 
-    Accepts the masks transformers builds for sdpa (bool 4-D, True = attend), eager (float 4-D,
-    0 = attend) and flash attention (2-D padding mask, 1 = real token).
+    num_keys: how many leading keys are real. The queries are the last `q_len` of them; keys past
+        `num_keys` are empty static-cache slots that no query may see.
+    key_range: int32 [B, 2], each row's valid keys [start, end) on the mask's device; None when no
+        row is padded.
+    rows: the same ranges as Python ints (read once per mask, so per-row work needs no host sync),
+        or None when no row is padded.
     """
-    global _last
+
+    num_keys: int
+    key_range: torch.Tensor | None = None
+    rows: tuple[tuple[int, int], ...] | None = None
+
+
+def read_mask(mask, q_len: int, k_len: int, previous: str) -> tuple[MaskReading | None, str | None]:
+    """(MaskReading, None) when the mask is causal + padding, else (None, why not).
+
+    Accepts what transformers hands the attention of `previous`: sdpa's bool masks [B, 1, Lq, Lk]
+    (True = attend) or None, eager's float masks (0 = attend, dtype minimum = blocked) and flash
+    attention's 2-D padding masks [B, Lk] (1 = real token) or None.
+    """
     if mask is None:
-        return None, None
-    if _last is not None and _last[0]() is mask and _last[1] == mask._version:
-        return _last[2], _last[3]
-    result = _read(mask, q_len, k_len)
-    _last = (weakref.ref(mask), mask._version, *result)
+        return _read_missing_mask(q_len, k_len, previous)
+    if not isinstance(mask, torch.Tensor):
+        return None, f"an attention mask of type {type(mask).__name__}"
+    cache_key = (q_len, k_len, _version(mask))
+    readings = getattr(mask, _CACHE_ATTRIBUTE, None)
+    if readings is not None and cache_key in readings:
+        return readings[cache_key]
+    result = _read_padding_mask(mask, k_len) if mask.dim() == 2 else _read_full_mask(mask, q_len, k_len)
+    if readings is None:
+        readings = {}
+        setattr(mask, _CACHE_ATTRIBUTE, readings)
+    readings[cache_key] = result
     return result
 
 
-def _read(mask: torch.Tensor, q_len: int, k_len: int) -> tuple[torch.Tensor | None, str | None]:
-    if mask.dim() == 2:
-        if mask.shape[-1] != k_len:
-            return None, f"a 2-D attention mask of width {mask.shape[-1]} for {k_len} keys"
-        key_range, reason = _contiguous_range(mask.bool())
-        if reason is None and bool((key_range[:, 0] == 0).all() and (key_range[:, 1] == k_len).all()):
-            return None, None
-        return key_range, reason
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (q_len, k_len):
-        return None, f"an attention mask of shape {tuple(mask.shape)} (expected [B, 1, {q_len}, {k_len}])"
-    if mask.dtype == torch.bool:
-        allowed = mask[:, 0]
-    else:
-        allowed = mask[:, 0] == 0
-        blocked = mask[:, 0] <= torch.finfo(mask.dtype).min / 2
-        if not bool((allowed | blocked).all()):
-            return None, "an additive attention bias (not a plain mask)"
-    key_range, reason = _contiguous_range(allowed[:, -1])
+def _version(mask: torch.Tensor) -> int | None:
+    try:
+        return mask._version
+    except RuntimeError:  # inference-mode tensors keep no version counter (and transformers builds masks anew)
+        return None
+
+
+def _read_missing_mask(q_len: int, k_len: int, previous: str) -> tuple[MaskReading | None, str | None]:
+    if previous == "eager":
+        # transformers always builds a mask for causal eager attention; none means every key is visible.
+        return None, "eager attention without a mask (it attends to every key, not causally)"
+    if previous == "sdpa" and q_len < k_len:
+        # Mirrors sdpa_attention_forward: with no mask and fewer queries than keys (only the first prefill
+        # into a StaticCache), the keys past q_len are empty cache slots and are dropped.
+        return MaskReading(num_keys=q_len), None
+    return MaskReading(num_keys=k_len), None  # flash attention aligns causality bottom-right: queries last
+
+
+def _read_padding_mask(mask: torch.Tensor, k_len: int) -> tuple[MaskReading | None, str | None]:
+    """A flash-attention 2-D mask [B, Lk]: 1 = real token."""
+    if mask.shape[-1] != k_len:
+        return None, f"a 2-D attention mask of width {mask.shape[-1]} for {k_len} keys (a static cache?)"
+    key_range, reason = _contiguous_range(mask.bool())
     if reason is not None:
         return None, reason
-    rows = torch.arange(q_len, device=mask.device)[:, None] + (k_len - q_len)
-    cols = torch.arange(k_len, device=mask.device)[None, :]
+    return _reading(key_range, k_len), None
+
+
+def _read_full_mask(mask: torch.Tensor, q_len: int, k_len: int) -> tuple[MaskReading | None, str | None]:
+    """A 4-D sdpa (bool) or eager (float) mask [B, 1, Lq, Lk], checked to be causal + padding."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (q_len, k_len):
+        return None, f"an attention mask of shape {tuple(mask.shape)} (expected [B, 1, {q_len}, {k_len}])"
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        return None, f"an attention mask of dtype {mask.dtype}"
+
+    def allowed(r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(allowed [B, r1-r0, Lk], whether every entry is a plain allow/block)."""
+        rows = mask[:, 0, r0:r1]
+        if rows.dtype == torch.bool:
+            return rows, torch.ones((), dtype=torch.bool, device=mask.device)
+        ok = rows == 0
+        return ok, (ok | (rows <= torch.finfo(rows.dtype).min / 2)).all()
+
+    # The last query sees every valid key of its row: that gives the ranges, the rest is checked.
+    last, plain = allowed(q_len - 1, q_len)
+    key_range, reason = _contiguous_range(last[:, 0])
+    if reason is not None:
+        return None, reason
+    ranges = key_range.tolist()
+    num_keys = max([q_len] + [end for _, end in ranges])
+    offset = num_keys - q_len  # queries are the last q_len of the num_keys real keys
+    cols = torch.arange(k_len, device=mask.device)
     start, end = key_range[:, 0, None, None], key_range[:, 1, None, None]
-    expected = (cols <= rows) & (cols >= start) & (cols < end)
-    live_rows = expected.any(-1, keepdim=True)  # rows that may see nothing are garbage in every backend
-    if not bool(((allowed == expected) | ~live_rows).all()):
-        return None, "an attention mask that is not causal + padding (packed sequences or a custom pattern)"
-    if bool((key_range[:, 0] == 0).all() and (key_range[:, 1] == k_len).all()):
-        return None, None  # no padding: plain causal attention
-    return key_range, None
+    matches = torch.ones((), dtype=torch.bool, device=mask.device)
+    for r0 in range(0, q_len, _QUERY_ROWS_PER_STEP):
+        r1 = min(r0 + _QUERY_ROWS_PER_STEP, q_len)
+        got, plain_rows = allowed(r0, r1)
+        plain &= plain_rows
+        positions = torch.arange(r0, r1, device=mask.device)[:, None] + offset
+        expected = (cols <= positions) & (cols >= start) & (cols < end)
+        live = expected.any(-1, keepdim=True)  # a row that may see nothing is a pad query: its output is unused
+        matches &= ((got == expected) | ~live).all()
+    if not bool(plain):
+        return None, "an additive attention bias (not a plain mask)"
+    if not bool(matches):
+        return None, "an attention mask that is not causal + padding (packed sequences, windows or a custom pattern)"
+    return _reading(key_range, num_keys, ranges), None
+
+
+def _reading(key_range: torch.Tensor, num_keys: int, ranges: list | None = None) -> MaskReading:
+    ranges = key_range.tolist() if ranges is None else ranges
+    if all(start == 0 and end == num_keys for start, end in ranges):
+        return MaskReading(num_keys=num_keys)
+    return MaskReading(num_keys=num_keys, key_range=key_range, rows=tuple((s, e) for s, e in ranges))
 
 
 def _contiguous_range(valid: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
@@ -69,6 +143,7 @@ def _contiguous_range(valid: torch.Tensor) -> tuple[torch.Tensor | None, str | N
     count = valid.sum(-1)
     start = valid.int().argmax(-1)
     end = k_len - valid.flip(-1).int().argmax(-1)
+    start = torch.where(count == 0, torch.zeros_like(start), start)
     end = torch.where(count == 0, start, end)
     if not bool((end - start == count).all()):
         return None, "a padding mask with holes (valid tokens must be contiguous in each row)"

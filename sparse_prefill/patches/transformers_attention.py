@@ -22,7 +22,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..attention import sparse_attention
 from ..config import SparsePrefillConfig
 from ..kernels import triton_supports
-from .masks import key_range_from_mask
+from .masks import MaskReading, read_mask
+from .padded_rows import attend_rows_alone, too_short_for_sparse
+
+try:  # where transformers >= 5 collects `output_attentions` through hooks
+    from transformers.utils.output_capturing import _active_collector as _ACTIVE_COLLECTOR
+except ImportError:  # pragma: no cover - older layouts: fall back to the model config
+    _ACTIVE_COLLECTOR = None
 
 PREFIX = "sparse_prefill:"
 _SUPPORTED_PREVIOUS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -54,49 +60,90 @@ def _previous_attention(previous: str, module: torch.nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[previous]
 
 
-def _dense_reason(module, query, key, attention_mask, dropout, kwargs, config) -> tuple[str | None, bool]:
-    """(why this call must be dense, whether to warn), or (None, _) for the sparse path."""
+def _dense_reason(previous, module, query, key, value, attention_mask, dropout, kwargs,
+                  config) -> tuple[str | None, bool]:
+    """(why this call must be dense, whether to warn), or (None, _) when the sparse path may run."""
     q_len, k_len = query.shape[2], key.shape[2]
-    if q_len < config.block_size or k_len < config.effective_min_seq_len:
+    if too_short_for_sparse(q_len, k_len, config):
         return "decode or a short prompt", False
-    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+    is_causal = kwargs.get("is_causal")
+    if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
         return f"non-causal attention in {type(module).__name__}", True
     window = kwargs.get("sliding_window")
     if window is not None and window < k_len:
         return "sliding-window layers (they keep their exact windowed attention)", True
-    if kwargs.get("output_attentions"):
+    if kwargs.get("output_attentions") or _recording_attentions(module):
         return "output_attentions=True (the sparse path computes no attention weights)", True
     if dropout and module.training:
         return "attention dropout in training mode", True
-    for name in ("s_aux", "sinks", "position_bias", "head_mask"):
+    for name in ("s_aux", "sinks", "position_bias", "head_mask", "cu_seq_lens_q", "cu_seq_lens_k", "block_table"):
         if kwargs.get(name) is not None:
             return f"`{name}` (not supported by the sparse path)", True
-    if query.is_cuda and config.backend == "auto" and triton_supports(query, config.block_size) is not None:
+    if value.shape != key.shape:
+        return f"values of head_dim {value.shape[-1]} with keys of head_dim {key.shape[-1]}", True
+    if previous.startswith("flash") and attention_mask is None and _packed_positions(kwargs.get("position_ids")):
+        return "packed sequences (position_ids restart inside the batch)", True
+    if query.is_cuda and config.backend == "auto":
         return triton_supports(query, config.block_size), True
     return None, False
+
+
+def _recording_attentions(module) -> bool:
+    """Whether transformers is collecting attention weights through its output hooks.
+
+    With `config.output_attentions=True` transformers >= 5 records the weights each attention returns
+    without passing `output_attentions` to it; a sparse call would leave them out silently.
+    """
+    if _ACTIVE_COLLECTOR is not None:
+        return "attentions" in (_ACTIVE_COLLECTOR.get() or {})
+    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
+
+
+def _packed_positions(position_ids) -> bool:
+    """Flash attention's test for packed sequences: one row whose positions restart somewhere."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+        return False
+    return bool((position_ids.diff(dim=-1) != 1).any())
 
 
 def _make_attention(previous: str) -> Callable:
     def sparse_prefill_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         config = _CONFIGS.get(module)
-        dense = _previous_attention(previous, module)
-        if config is None:
+        reading = None
+        if config is not None:
+            reading = _plan_sparse(previous, module, query, key, value, attention_mask, dropout, kwargs, config)
+        if reading is None:
+            dense = _previous_attention(previous, module)
             return dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        reason, loud = _dense_reason(module, query, key, attention_mask, dropout, kwargs, config)
-        key_range = None
-        if reason is None:
-            key_range, reason = key_range_from_mask(attention_mask, query.shape[2], key.shape[2])
-            loud = True
-        if reason is not None:
-            if loud:
-                _warn_once(reason)
-            return dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        out = sparse_attention(query, key, value, config, scale=scaling, softcap=kwargs.get("softcap"),
-                               key_range=key_range)
+        out = _attend_sparse(query, key, value, reading, config, scaling, kwargs.get("softcap"))
         return out.transpose(1, 2).contiguous(), None
 
     sparse_prefill_attention.__name__ = f"sparse_prefill_attention_over_{previous}"
     return sparse_prefill_attention
+
+
+def _plan_sparse(previous, module, query, key, value, attention_mask, dropout, kwargs, config) -> MaskReading | None:
+    """The mask reading to run the sparse path with, or None (after warning once where the user may care)."""
+    reason, loud = _dense_reason(previous, module, query, key, value, attention_mask, dropout, kwargs, config)
+    reading = None
+    if reason is None:
+        reading, reason = read_mask(attention_mask, query.shape[2], key.shape[2], previous)
+        loud = True
+    if reason is None and too_short_for_sparse(query.shape[2], reading.num_keys, config):
+        reason, loud = "decode or a short prompt", False  # a static cache's prompt shorter than the threshold
+    if reason is not None:
+        if loud:
+            _warn_once(reason)
+        return None
+    return reading
+
+
+def _attend_sparse(query, key, value, reading: MaskReading, config, scale, softcap) -> torch.Tensor:
+    """Sparse attention [B, Hq, Lq, D] over the real keys: the whole batch at once, or row by row when padded."""
+    key, value = key[:, :, :reading.num_keys], value[:, :, :reading.num_keys]
+    if reading.rows is not None:
+        return attend_rows_alone(query, key, value, reading.rows, config, scale=scale, softcap=softcap)
+    return sparse_attention(query, key, value, config, scale=scale, softcap=softcap)
 
 
 def _register(previous: str) -> str:
