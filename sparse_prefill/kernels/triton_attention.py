@@ -1,0 +1,427 @@
+"""Block-sparse flash-attention forward in Triton: the fast path behind `block_sparse_attention`.
+
+Same semantics as `reference.block_sparse_attention_reference` (read that first). How it is computed:
+
+* One program per (query tile, batch row, query head). The query tile (`block_m` rows) stays in
+  registers while the program walks the key blocks its layout row keeps, `block_n` keys at a time,
+  with an online softmax in log2 units (the log2(e) factor is folded into the score scale, so the
+  exponentials are `exp2`).
+* GQA without copies: query head h reads KV head h // (Hq // Hkv). Programs are ordered so that the
+  heads of one KV group run side by side, and long (late) query tiles start first; the group's
+  heads then read each K/V tile from HBM once and from L2 after that.
+* Masking only where needed. The layout's block indices are ascending, so a row splits into
+  positions [lower boundary | fully visible | upper boundary]: the fully visible blocks run through
+  the unmasked loop (`MASKED=False`), the few blocks that straddle the causal diagonal, the end of
+  the keys or the `key_range` bounds run through the masked one (`MASKED=True`). Blocks no row of the
+  tile can see are skipped.
+* K/V tiles come through Hopper's tensor memory accelerator (TMA) when the strides allow it, else
+  through plain pointer loads. `head_dim` is padded in registers to a power of two; TMA's
+  out-of-bounds fill (or load masks) supplies the zeros.
+
+No host synchronisation: counts and indices are read on the device, and the layout's `indices` may
+be wider than the rows' counts (only `counts[b, h, i]` entries of row i are read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import BlockLayout
+from .reference import check_attention_inputs
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float32: tests and debugging only (slow)
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+SUPPORTED_BLOCK_SIZES = (64, 128)
+KV_LOADS = ("pointer", "tma", "tma_device")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch shape of the kernel.
+
+    block_m: query rows per program; divides the layout's block size.
+    block_n: keys per inner step; divides the layout's block size.
+    kv_loads: "pointer" (plain loads), "tma" (host-built tensor descriptors, Hopper), or
+        "tma_device" (descriptors built in the kernel; needs `triton.set_allocator`).
+    warp_specialize: ask Triton to split loads and math into separate warps (Hopper/Blackwell).
+    """
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+    kv_loads: str = "pointer"
+    warp_specialize: bool = False
+
+
+def default_config(head_dim: int, block_size: int, q: torch.Tensor) -> KernelConfig:
+    """Hand-picked launch shapes, measured in bench/bench_kernel.py (see bench/NOTES_kernel.md)."""
+    hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    loads = "tma" if hopper else "pointer"
+    if block_size == 64:
+        return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, kv_loads=loads)
+    if head_dim > 128:
+        return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, kv_loads=loads)
+    return KernelConfig(block_m=128, block_n=64 if head_dim > 64 else 128, num_warps=8, num_stages=2, kv_loads=loads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _as_descriptor(desc_or_ptr, shape, strides, block_shape):
+    """A host-built tensor descriptor as is, or one built here from a pointer ("tma_device")."""
+    if isinstance(desc_or_ptr, tl.tensor_descriptor):
+        return desc_or_ptr
+    else:
+        return tl.make_tensor_descriptor(desc_or_ptr, shape, strides, block_shape)
+
+
+@triton.jit
+def _count_positions_below(idx_row, count, t0, t1, t2, t3, DENSE: tl.constexpr, CHUNK: tl.constexpr):
+    """How many of the row's `count` ascending block indices are < t0, t1, t2, t3 (one pass)."""
+    if DENSE:  # the row keeps blocks 0 .. count-1
+        return (tl.minimum(tl.maximum(t0, 0), count), tl.minimum(tl.maximum(t1, 0), count),
+                tl.minimum(tl.maximum(t2, 0), count), tl.minimum(tl.maximum(t3, 0), count))
+    n0 = tl.full([], 0, tl.int32)
+    n1 = tl.full([], 0, tl.int32)
+    n2 = tl.full([], 0, tl.int32)
+    n3 = tl.full([], 0, tl.int32)
+    for start in range(0, count, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        block = tl.load(idx_row + offs, mask=offs < count, other=2147483647)
+        n0 += tl.sum((block < t0).to(tl.int32))
+        n1 += tl.sum((block < t1).to(tl.int32))
+        n2 += tl.sum((block < t2).to(tl.int32))
+        n3 += tl.sum((block < t3).to(tl.int32))
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _attend_tiles(
+    acc, l_i, m_i, q, rows_pos,
+    k_head, v_head, k_desc, v_desc, b, kv_head,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    idx_row, tile_lo, tile_hi, key_lo, key_hi, k_len,
+    qk_scale, softcap_log2, softcap_arg,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DENSE: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    KV_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The online-softmax core: fold key tiles [tile_lo, tile_hi) of the row into (acc, l_i, m_i).
+
+    Scores are kept in log2 units (`qk_scale` = scale * log2 e). `MASKED` tiles apply the causal,
+    key-range and end-of-keys masks; unmasked tiles are known to be fully visible to every row.
+    """
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for tile in tl.range(tile_lo, tile_hi, warp_specialize=WARP_SPECIALIZE):
+        # -- which keys: the tile's first key from the layout row ----------------------------------
+        if DENSE:
+            n0 = tile * BLOCK_N
+        else:
+            block = tl.load(idx_row + tile // TILES_PER_BLOCK)
+            n0 = block * BLOCK_SIZE + (tile % TILES_PER_BLOCK) * BLOCK_N
+        # -- load K and V tiles [BLOCK_N, BLOCK_D] -------------------------------------------------
+        if KV_TMA:
+            k = k_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = v_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k_ptrs = k_head + n0.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+            v_ptrs = v_head + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            if MASKED or BLOCK_D != HEAD_DIM:
+                inside = ((n0 + offs_n)[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
+                k = tl.load(k_ptrs, mask=inside, other=0.0)
+                v = tl.load(v_ptrs, mask=inside, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+        # -- scores in log2 units --------------------------------------------------------------------
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HAS_SOFTCAP:
+            s = softcap_log2 * _tanh(s * softcap_arg)
+        else:
+            s = s * qk_scale
+        if MASKED:
+            cols = n0 + offs_n
+            visible = (cols[None, :] >= key_lo) & (cols[None, :] < key_hi)
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        # -- online softmax update ---------------------------------------------------------------------
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # a row may have seen nothing yet: keep its max finite so exp2 gives 0, not NaN
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _block_sparse_attention_kernel(
+    Q, K, V, Out, Lse, KeyRange, Counts, Indices, k_desc, v_desc,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_cb, stride_ch, stride_cq,
+    stride_ib, stride_ih, stride_iq, stride_ic,
+    batch, q_heads, kv_heads, q_len, k_len, n_q_tiles,
+    qk_scale, softcap_log2, softcap_arg,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_RANGE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, KV_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, COUNT_CHUNK: tl.constexpr,
+):
+    # -- which (query tile, batch, head): heads fastest (a KV group's heads run together), late tiles first
+    pid = tl.program_id(0)
+    bh = pid % (batch * q_heads)
+    q_tile = n_q_tiles - 1 - pid // (batch * q_heads)
+    b = bh // q_heads
+    h = bh % q_heads
+    kv_head = h // (q_heads // kv_heads)
+    q_offset = k_len - q_len
+    row0 = q_tile * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_pos = q_offset + offs_m
+
+    # -- keys this tile may see: [key_lo, key_hi), and causally up to each row's position -----------
+    key_lo = 0
+    key_hi = k_len
+    if HAS_KEY_RANGE:
+        key_lo = tl.maximum(tl.load(KeyRange + 2 * b), 0)
+        key_hi = tl.minimum(tl.load(KeyRange + 2 * b + 1), k_len)
+    vis_hi = key_hi  # no key at or past vis_hi is visible to any row of the tile
+    full_hi = key_hi  # every key in [key_lo, full_hi) is visible to every row of the tile
+    if CAUSAL:
+        last_row = tl.minimum(row0 + BLOCK_M, q_len) - 1
+        vis_hi = tl.minimum(vis_hi, q_offset + last_row + 1)
+        full_hi = tl.minimum(full_hi, q_offset + row0 + 1)
+
+    # -- the layout row, split into [lower boundary | fully visible | upper boundary] positions --------
+    layout_row = row0 // BLOCK_SIZE
+    if DENSE:
+        count = tl.cdiv(k_len, BLOCK_SIZE)
+        idx_row = Indices  # unused
+    else:
+        count = tl.load(Counts + b * stride_cb + h * stride_ch + layout_row * stride_cq)
+        idx_row = (Indices + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih
+                   + layout_row.to(tl.int64) * stride_iq)
+    skip_lo, full_lo_pos, full_hi_pos, vis_hi_pos = _count_positions_below(
+        idx_row, count,
+        key_lo // BLOCK_SIZE,  # blocks ending at or before key_lo: invisible
+        tl.cdiv(key_lo, BLOCK_SIZE),  # blocks starting at or after key_lo may be fully visible ...
+        tl.maximum(full_hi, 0) // BLOCK_SIZE,  # ... if they end at or before full_hi
+        tl.cdiv(vis_hi, BLOCK_SIZE),  # blocks starting at or after vis_hi: invisible
+        DENSE, COUNT_CHUNK)
+    full_hi_pos = tl.maximum(full_hi_pos, full_lo_pos)
+    vis_hi_pos = tl.maximum(vis_hi_pos, full_hi_pos)
+    TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
+
+    # -- operands ------------------------------------------------------------------------------------
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd)
+    q_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    k_head = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_head = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    if KV_TMA:
+        k_desc = _as_descriptor(k_desc, [batch, kv_heads, k_len, HEAD_DIM], [stride_kb, stride_kh, stride_kn, 1],
+                                [1, 1, BLOCK_N, BLOCK_D])
+        v_desc = _as_descriptor(v_desc, [batch, kv_heads, k_len, HEAD_DIM], [stride_vb, stride_vh, stride_vn, 1],
+                                [1, 1, BLOCK_N, BLOCK_D])
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_KEY_RANGE:  # blocks straddling key_lo
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, rows_pos, k_head, v_head, k_desc, v_desc, b, kv_head,
+            stride_kn, stride_kd, stride_vn, stride_vd, idx_row, skip_lo * TILES, full_lo_pos * TILES,
+            key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
+            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, False, DOT_PRECISION)
+    acc, l_i, m_i = _attend_tiles(  # fully visible blocks: no mask
+        acc, l_i, m_i, q, rows_pos, k_head, v_head, k_desc, v_desc, b, kv_head,
+        stride_kn, stride_kd, stride_vn, stride_vd, idx_row, full_lo_pos * TILES, full_hi_pos * TILES,
+        key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, False, HAS_SOFTCAP, KV_TMA, WARP_SPECIALIZE,
+        DOT_PRECISION)
+    acc, l_i, m_i = _attend_tiles(  # the diagonal and the end of the keys
+        acc, l_i, m_i, q, rows_pos, k_head, v_head, k_desc, v_desc, b, kv_head,
+        stride_kn, stride_kd, stride_vn, stride_vd, idx_row, full_hi_pos * TILES, vis_hi_pos * TILES,
+        key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, False, DOT_PRECISION)
+
+    # -- epilogue: rows that saw no key get 0 and lse -inf ------------------------------------------------
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+    if RETURN_LSE:
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(Lse + (b * q_heads + h).to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrapper
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_kernel_inputs(q, k, v, layout, key_range, scale, softcap, block_size) -> None:
+    """Raise a ValueError naming what this kernel cannot run (the dispatcher falls back on those)."""
+    check_attention_inputs(q, k, v)
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"the Triton kernel takes float16/bfloat16 q, k, v of one dtype; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}. Cast them, or use backend='torch'.")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"the Triton kernel takes head_dim in {SUPPORTED_HEAD_DIMS}; got {q.shape[-1]}. "
+                         "Use backend='torch'.")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"the Triton kernel takes block_size 64 or 128; got {block_size}. Use backend='torch'.")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}.")
+    if q.device.type != "cuda" and not triton_interpreter_on():
+        raise ValueError(f"the Triton kernel needs CUDA tensors (got {q.device}) unless TRITON_INTERPRET=1.")
+    if layout is not None:
+        n_q_blocks = -(-q.shape[2] // block_size)
+        if tuple(layout.counts.shape) != (q.shape[0], q.shape[1], n_q_blocks):
+            raise ValueError(f"{layout} does not fit q of shape {tuple(q.shape)}: counts must be "
+                             f"[{q.shape[0]}, {q.shape[1]}, {n_q_blocks}].")
+        if layout.device != q.device:
+            raise ValueError(f"the layout is on {layout.device} but q is on {q.device}; move it with layout.to().")
+    if key_range is not None:
+        if tuple(key_range.shape) != (q.shape[0], 2) or key_range.dtype.is_floating_point:
+            raise ValueError(f"key_range must be an integer tensor [B, 2] = [{q.shape[0]}, 2]; got "
+                             f"{key_range.dtype} {tuple(key_range.shape)}.")
+        if key_range.device != q.device:
+            raise ValueError(f"key_range is on {key_range.device} but q is on {q.device}.")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be positive; got {scale}.")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive (or None); got {softcap}.")
+
+
+def triton_interpreter_on() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """TMA needs a unit last stride and 16-byte aligned base and strides."""
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
+
+
+def _kv_operands(k, v, config: KernelConfig, block_d: int):
+    """What the kernel receives for K and V tile loads: descriptors, pointers, or pointers to build from."""
+    if config.kv_loads == "tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        box = [1, 1, config.block_n, block_d]
+        return (TensorDescriptor(k, list(k.shape), list(k.stride()), box),
+                TensorDescriptor(v, list(v.shape), list(v.stride()), box))
+    return k, v
+
+
+def _allocate_outputs(q: torch.Tensor, return_lse: bool):
+    """Output in q's layout and dtype, and the lse buffer (the output stands in when not asked for)."""
+    out = torch.empty_like(q)
+    if not return_lse:
+        return out, out
+    return out, torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+
+
+def triton_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout | None,
+    causal: bool = True,
+    return_lse: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+    key_range: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+):
+    """Block-sparse attention with the Triton kernel; arguments and results as in the reference.
+
+    q [B, Hq, Lq, D] and k/v [B, Hkv, Lk, D] in float16 or bfloat16, any strides (e.g. the
+    [B, H, L, D] transposed views transformers passes); head_dim 64, 80, 96, 128 or 256; a layout of
+    block size 64 or 128 (None attends to every block). Returns the output in q's layout, plus the
+    natural-log log-sum-exp fp32 [B, Hq, Lq] with `return_lse`. `config` overrides the launch shape
+    (benchmarks).
+
+    Example, one head, 3 blocks of 64, keeping the sink and the diagonal:
+
+        layout = BlockLayout(counts=torch.tensor([[[1, 2, 2]]], dtype=torch.int32, device="cuda"),
+                             indices=torch.tensor([[[[0, -1], [0, 1], [0, 2]]]], dtype=torch.int32,
+                                                  device="cuda"), block_size=64, num_key_blocks=3)
+        out = triton_block_sparse_attention(q, k, v, layout)  # q, k, v [1, 1, 192, 128] on CUDA
+    """
+    block_size = 128 if layout is None else layout.block_size
+    _check_kernel_inputs(q, k, v, layout, key_range, scale, softcap, block_size)
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    config = config or default_config(head_dim, block_size, q)
+    if block_size % config.block_m or block_size % config.block_n:
+        raise ValueError(f"{config} does not fit block_size {block_size}: block_m and block_n must divide it.")
+    if config.kv_loads not in KV_LOADS:
+        raise ValueError(f"KernelConfig.kv_loads must be one of {KV_LOADS}; got {config.kv_loads!r}.")
+    if config.kv_loads != "pointer" and not (_tma_ready(k) and _tma_ready(v)):
+        config = KernelConfig(config.block_m, config.block_n, config.num_warps, config.num_stages, "pointer")
+
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    softcap_log2 = 0.0 if softcap is None else float(softcap) * LOG2E
+    softcap_arg = 0.0 if softcap is None else scale / float(softcap)
+    block_d = triton.next_power_of_2(head_dim)
+    n_q_tiles = triton.cdiv(q_len, config.block_m)
+
+    out, lse = _allocate_outputs(q, return_lse)
+    if key_range is not None and key_range.dtype != torch.int32:
+        key_range = key_range.to(torch.int32)
+    key_range_arg = key_range.contiguous() if key_range is not None else out
+    counts, indices = (layout.counts, layout.indices) if layout is not None else (out, out)
+    count_strides = counts.stride() if layout is not None else (0, 0, 0)
+    index_strides = indices.stride() if layout is not None else (0, 0, 0, 0)
+    k_desc, v_desc = _kv_operands(k, v, config, block_d)
+
+    grid = (n_q_tiles * batch * q_heads,)
+    device_context = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    with device_context:
+        if config.kv_loads == "tma_device":
+            triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
+        _block_sparse_attention_kernel[grid](
+            q, k, v, out, lse, key_range_arg, counts, indices, k_desc, v_desc,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *count_strides, *index_strides,
+            batch, q_heads, kv_heads, q_len, k_len, n_q_tiles,
+            scale * LOG2E, softcap_log2, softcap_arg,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_SIZE=block_size, DENSE=layout is None, CAUSAL=bool(causal), HAS_KEY_RANGE=key_range is not None,
+            HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse, KV_TMA=config.kv_loads != "pointer",
+            WARP_SPECIALIZE=config.warp_specialize,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            COUNT_CHUNK=128, num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return (out, lse) if return_lse else out
