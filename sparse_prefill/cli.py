@@ -1,17 +1,44 @@
-"""The `sparse-prefill` command."""
+"""The `sparse-prefill` command: evaluation, speed and model-fetching subcommands.
+
+    sparse-prefill niah | ruler | ppl | speed | sweep | recall | fetch-model | lm-eval
+
+Run any of them with no `--model` to use the embedded tiny random-weight model (a smoke run on a
+CPU). The subcommands live in `sparse_prefill.eval.commands` (and `eval.recall`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+def _add_recall(subparsers) -> None:
+    """The selection-quality command, when its module is present."""
+    try:
+        from .eval import recall
+    except ModuleNotFoundError as err:
+        if err.name != "sparse_prefill.eval.recall":
+            raise
+        return
+    recall.add_parser(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-prefill", description="Block-sparse prefill for transformers models.")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from .eval.commands import add_parsers
+
+    add_parsers(subparsers)
+    _add_recall(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # every argument after it belongs to lm_eval, untouched by our parser
+        from .eval.lm_harness import main as lm_eval_main
+
+        return lm_eval_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

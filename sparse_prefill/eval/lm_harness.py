@@ -1,0 +1,164 @@
+"""lm-evaluation-harness integration: the `sparse_hf` model and our generated tasks.
+
+`sparse_hf` is lm-eval's HF model (`HFLM`) with `patch_model` applied to what it loads, so any
+lm-eval task runs with sparse prefill; sparse-config fields are model args
+(`--model_args pretrained=DIR,gamma=0.9,block_size=128`). `max_length` is always set explicitly
+(by default the model's context length): lm-eval otherwise cuts long prompts from the left, which
+drops needles. `pretrained` also takes a .gguf file, a pinned model name or `sparse-prefill-tiny`.
+
+The tasks `sparse_niah`, `sparse_niah_multikey`, `sparse_niah_multivalue`, `sparse_niah_multiquery`,
+`sparse_passkey`, `sparse_vt`, `sparse_cwe`, `sparse_fwe` (group `sparse_ruler`) are task YAMLs in
+`eval/configs` whose `custom_dataset` calls the generators of `tasks.py`. They read `--metadata`
+(`max_seq_lengths`, `num_samples`, `depths`, `haystack`) and build prompts with the tokenizer of
+`pretrained` (or `tokenizer`). lm-eval re-tokenizes the prompt text, so lengths may differ from the
+target by a few tokens at piece boundaries.
+
+lm-eval finds third-party models only once they are imported, so run it through
+`sparse-prefill lm-eval ...`, which registers `sparse_hf` and adds our task folder to
+`--include_path`; from Python, import this module and pass `TaskManager(include_path=tasks_dir())`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from ..config import SparsePrefillConfig
+from ..patches import patch_model
+from .archs import TINY, byte_tokenizer, resolve_model
+from .models import PINS, load_tokenizer
+from .scoring import score_contains
+from .tasks import make_example
+
+logger = logging.getLogger(__name__)
+
+_CONFIG_FIELDS = {"gamma": float, "block_size": int, "min_budget_tokens": int, "sink_blocks": int,
+                  "local_blocks": int, "stride": int, "min_seq_len": int, "backend": str, "proxy_heads": str}
+
+
+def tasks_dir() -> Path:
+    """The folder of our lm-eval task YAMLs (pass it as --include_path)."""
+    return Path(str(resources.files("sparse_prefill.eval") / "configs"))
+
+
+def _ours(pretrained) -> bool:
+    """Whether `pretrained` is something HFLM cannot load by itself but we can."""
+    return isinstance(pretrained, str) and (pretrained == TINY or pretrained in PINS or pretrained.endswith(".gguf"))
+
+
+@register_model("sparse_hf")
+class SparseHFLM(HFLM):
+    """HFLM whose model runs block-sparse prefill (`sparse=False` keeps it dense, for a baseline)."""
+
+    def __init__(self, pretrained=TINY, sparse: bool = True, max_length: int | None = None, **kwargs):
+        fields = {k: cast(kwargs.pop(k)) for k, cast in _CONFIG_FIELDS.items() if k in kwargs}
+        if fields.get("proxy_heads", "kv") != "kv":
+            fields["proxy_heads"] = int(fields["proxy_heads"])
+        self.sparse_config = SparsePrefillConfig(**fields)
+        if _ours(pretrained):
+            device = kwargs.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = kwargs.pop("dtype", None)
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else None
+            model, tokenizer, _ = resolve_model(pretrained, dtype=dtype, device=device)
+            kwargs.setdefault("tokenizer", tokenizer)
+            pretrained = model
+        super().__init__(pretrained=pretrained, max_length=max_length, **kwargs)
+        if max_length is None:  # explicit, never lm-eval's fallback of 2048 with left truncation
+            self._max_length = int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
+            logger.info("sparse_hf: max_length=%d (the model's context length)", self._max_length)
+        if sparse and str(sparse).lower() != "false":
+            patch_model(self.model, self.sparse_config)
+
+
+# ---------------------------------------------------------------- tasks
+
+def _task_tokenizer(kwargs: dict):
+    name = kwargs.get("tokenizer") or kwargs.get("pretrained")
+    if not isinstance(name, str) or not name:
+        raise ValueError("sparse_* tasks size prompts with the model's tokenizer: pass --model_args pretrained=... "
+                         "(or tokenizer=...).")
+    return byte_tokenizer() if name == TINY else load_tokenizer(name)
+
+
+def _as_list(value, cast) -> list:
+    if isinstance(value, str):
+        value = value.split(",")
+    return [cast(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def task_dataset(task: str, **kwargs) -> dict:
+    """lm-eval custom_dataset for one of our tasks: {"test": Dataset} over lengths x depths x samples."""
+    import datasets
+
+    tokenizer = _task_tokenizer(kwargs)
+    lengths = _as_list(kwargs.get("max_seq_lengths", [4096]), int)
+    depths = _as_list(kwargs.get("depths", [0.0, 0.25, 0.5, 0.75, 1.0]), float)
+    samples = int(kwargs.get("num_samples", 10))
+    haystack = kwargs.get("haystack", "noise")
+    docs = []
+    for length in lengths:
+        for i in range(samples):
+            depth = depths[i % len(depths)]
+            ex = make_example(task, tokenizer, length, depth=depth, seed=i, haystack=haystack, chat_template=False,
+                              special_prefix=False)
+            docs.append({"input": tokenizer.decode(ex.input_ids), "outputs": list(ex.answers), "max_length": length,
+                         "depth": -1.0 if ex.depth is None else ex.depth, "seed": i})
+    return {"test": datasets.Dataset.from_list(docs, split=datasets.Split.TEST)}
+
+
+def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    return {"score": score_contains(results[0], doc["outputs"])}
+
+
+def niah_single(**kwargs):
+    return task_dataset("niah_single", **kwargs)
+
+
+def niah_multikey(**kwargs):
+    return task_dataset("niah_multikey", **kwargs)
+
+
+def niah_multivalue(**kwargs):
+    return task_dataset("niah_multivalue", **kwargs)
+
+
+def niah_multiquery(**kwargs):
+    return task_dataset("niah_multiquery", **kwargs)
+
+
+def passkey(**kwargs):
+    return task_dataset("passkey", **kwargs)
+
+
+def vt(**kwargs):
+    return task_dataset("vt", **kwargs)
+
+
+def cwe(**kwargs):
+    return task_dataset("cwe", **kwargs)
+
+
+def fwe(**kwargs):
+    return task_dataset("fwe", **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """lm_eval's command line with `sparse_hf` registered and our tasks on the include path."""
+    from lm_eval.__main__ import cli_evaluate
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--include_path" not in argv and argv and argv[0] not in ("-h", "--help"):
+        argv += ["--include_path", str(tasks_dir())]
+    saved, sys.argv = sys.argv, ["lm_eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
+

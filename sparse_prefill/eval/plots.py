@@ -1,0 +1,103 @@
+"""The three pictures users decide with (matplotlib, PNG, headless).
+
+- NIAH accuracy over context length x needle depth, dense and sparse side by side.
+- Accuracy against prefill speedup over dense, one point per gamma (the trade-off curve).
+- Density per layer x head: where the sparse path keeps more or fewer blocks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _grid(rows: list[dict], mode: str, lengths: list[int], depths: list[float]) -> list[list[float | None]]:
+    cells: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["mode"] == mode and r.get("depth") is not None:
+            cells.setdefault((r["depth"], r["length"]), []).append(r["score"])
+    return [[(sum(v) / len(v)) if (v := cells.get((d, n))) else None for n in lengths] for d in depths]
+
+
+def plot_niah_heatmap(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Accuracy per (depth, length): one panel per mode present in `rows`, shared colour scale."""
+    modes = [m for m in ("dense", "sparse") if any(r["mode"] == m for r in rows)]
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows if r.get("depth") is not None})
+    if not modes or not depths:
+        raise ValueError("plot_niah_heatmap needs rows of a needle task (with depths) in dense or sparse mode.")
+    fig, axes = plt.subplots(1, len(modes), figsize=(1.2 + 1.1 * len(lengths) * len(modes), 1.4 + 0.45 * len(depths)),
+                             squeeze=False, constrained_layout=True)
+    image = None
+    for ax, mode in zip(axes[0], modes, strict=True):
+        grid = _grid(rows, mode, lengths, depths)
+        values = [[float("nan") if v is None else v for v in row] for row in grid]
+        image = ax.imshow(values, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if v is not None:
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(mode)
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy", shrink=0.9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_speedup(points: list[dict], path: str | Path, dense_accuracy: float | None = None,
+                             title: str = "") -> Path:
+    """points: dicts with speedup, accuracy and a label (e.g. gamma); dense is the point (1, dense_accuracy)."""
+    if not points:
+        raise ValueError("plot_accuracy_vs_speedup needs at least one point.")
+    fig, ax = plt.subplots(figsize=(5, 3.6), constrained_layout=True)
+    ordered = sorted(points, key=lambda p: p["speedup"])
+    ax.plot([p["speedup"] for p in ordered], [p["accuracy"] for p in ordered], "o-", label="sparse prefill")
+    for p in ordered:
+        ax.annotate(str(p.get("label", "")), (p["speedup"], p["accuracy"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    if dense_accuracy is not None:
+        ax.plot([1.0], [dense_accuracy], "s", color="black", label="dense")
+    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("prefill speedup over dense (TTFT ratio)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(loc="lower left", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_density_heatmap(layer_head: list[list[float] | None], path: str | Path, title: str = "") -> Path:
+    """Density per (layer, head); layers that stayed dense are blank."""
+    if not layer_head or all(row is None for row in layer_head):
+        raise ValueError("plot_density_heatmap needs densities of at least one sparse layer.")
+    heads = max(len(row) for row in layer_head if row is not None)
+    values = [[float("nan")] * heads if row is None else row for row in layer_head]
+    fig, ax = plt.subplots(figsize=(1.5 + 0.25 * heads, 1.2 + 0.2 * len(values)), constrained_layout=True)
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax, label="kept causal blocks (density)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _length_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
