@@ -143,11 +143,11 @@ def test_transposed_views_keep_their_layout():
 @pytest.mark.parametrize(
     "config",
     [
-        ta.KernelConfig(block_m=64, block_n=32, num_warps=4, kv_loads="pointer"),
+        ta.KernelConfig(block_m=64, block_n=32, num_warps=4, kv_loads="pointer", group_major=False),
         ta.KernelConfig(block_m=128, block_n=64, num_warps=8, kv_loads="tma"),
         ta.KernelConfig(block_m=64, block_n=128, num_warps=4, kv_loads="tma_device"),
     ],
-    ids=["pointer-64x32", "tma-128x64", "tma_device-64x128"],
+    ids=["pointer-64x32-head-major", "tma-128x64", "tma_device-64x128"],
 )
 def test_launch_shapes_and_load_paths(config):
     gen = torch.Generator().manual_seed(8)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -51,6 +51,7 @@ class KernelConfig:
     kv_loads: "pointer" (plain loads), "tma" (host-built tensor descriptors, Hopper), or
         "tma_device" (descriptors built in the kernel; needs `triton.set_allocator`).
     warp_specialize: ask Triton to split loads and math into separate warps (Hopper/Blackwell).
+    group_major: launch order; True runs all query tiles of one KV head before the next KV head.
     """
 
     block_m: int = 128
@@ -59,6 +60,7 @@ class KernelConfig:
     num_stages: int = 2
     kv_loads: str = "pointer"
     warp_specialize: bool = False
+    group_major: bool = True
 
 
 def default_config(head_dim: int, block_size: int, q: torch.Tensor) -> KernelConfig:
@@ -69,7 +71,7 @@ def default_config(head_dim: int, block_size: int, q: torch.Tensor) -> KernelCon
         return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, kv_loads=loads)
     if head_dim > 128:
         return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, kv_loads=loads)
-    return KernelConfig(block_m=128, block_n=64 if head_dim > 64 else 128, num_warps=8, num_stages=2, kv_loads=loads)
+    return KernelConfig(block_m=128, block_n=64 if head_dim > 64 else 128, num_warps=8, num_stages=3, kv_loads=loads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,16 +94,23 @@ def _as_descriptor(desc_or_ptr, shape, strides, block_shape):
 
 
 @triton.jit
-def _count_positions_below(idx_row, count, t0, t1, t2, t3, DENSE: tl.constexpr, CHUNK: tl.constexpr):
-    """How many of the row's `count` ascending block indices are < t0, t1, t2, t3 (one pass)."""
+def _count_positions_below(idx_row, count, width, t0, t1, t2, t3, DENSE: tl.constexpr, CHUNK: tl.constexpr):
+    """How many of the row's `count` ascending block indices are < t0, t1, t2, t3 (one pass).
+
+    The first chunk is read up to the row's `width` without waiting for `count`, so a short row
+    costs one memory latency here, not two.
+    """
     if DENSE:  # the row keeps blocks 0 .. count-1
         return (tl.minimum(tl.maximum(t0, 0), count), tl.minimum(tl.maximum(t1, 0), count),
                 tl.minimum(tl.maximum(t2, 0), count), tl.minimum(tl.maximum(t3, 0), count))
-    n0 = tl.full([], 0, tl.int32)
-    n1 = tl.full([], 0, tl.int32)
-    n2 = tl.full([], 0, tl.int32)
-    n3 = tl.full([], 0, tl.int32)
-    for start in range(0, count, CHUNK):
+    offs = tl.arange(0, CHUNK)
+    block = tl.load(idx_row + offs, mask=offs < width, other=0)
+    block = tl.where(offs < count, block, 2147483647)
+    n0 = tl.sum((block < t0).to(tl.int32))
+    n1 = tl.sum((block < t1).to(tl.int32))
+    n2 = tl.sum((block < t2).to(tl.int32))
+    n3 = tl.sum((block < t3).to(tl.int32))
+    for start in range(CHUNK, count, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         block = tl.load(idx_row + offs, mask=offs < count, other=2147483647)
         n0 += tl.sum((block < t0).to(tl.int32))
@@ -185,20 +194,34 @@ def _block_sparse_attention_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_cb, stride_ch, stride_cq,
     stride_ib, stride_ih, stride_iq, stride_ic,
-    batch, q_heads, kv_heads, q_len, k_len, n_q_tiles,
+    batch, q_heads, kv_heads, q_len, k_len, n_q_tiles, index_width,
     qk_scale, softcap_log2, softcap_arg,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_RANGE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, KV_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, COUNT_CHUNK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, COUNT_CHUNK: tl.constexpr, GROUP_MAJOR: tl.constexpr,
 ):
-    # -- which (query tile, batch, head): heads fastest (a KV group's heads run together), late tiles first
+    # -- which (batch, head, query tile). The heads of one KV group are always neighbours (they read the
+    # same K/V, so it is fetched once and served from L2), and late query tiles, the longest under
+    # causal masking, start first. GROUP_MAJOR runs every tile of one (batch, KV head) before the next,
+    # which keeps that head's K/V in L2 when the layout scatters blocks; otherwise a query tile of all
+    # heads runs before the next tile.
     pid = tl.program_id(0)
-    bh = pid % (batch * q_heads)
-    q_tile = n_q_tiles - 1 - pid // (batch * q_heads)
-    b = bh // q_heads
-    h = bh % q_heads
-    kv_head = h // (q_heads // kv_heads)
+    group = q_heads // kv_heads
+    if GROUP_MAJOR:
+        per_kv_head = n_q_tiles * group
+        bkv = pid // per_kv_head
+        rest = pid % per_kv_head
+        q_tile = n_q_tiles - 1 - rest // group
+        b = bkv // kv_heads
+        kv_head = bkv % kv_heads
+        h = kv_head * group + rest % group
+    else:
+        bh = pid % (batch * q_heads)
+        q_tile = n_q_tiles - 1 - pid // (batch * q_heads)
+        b = bh // q_heads
+        h = bh % q_heads
+        kv_head = h // group
     q_offset = k_len - q_len
     row0 = q_tile * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -228,7 +251,7 @@ def _block_sparse_attention_kernel(
         idx_row = (Indices + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih
                    + layout_row.to(tl.int64) * stride_iq)
     skip_lo, full_lo_pos, full_hi_pos, vis_hi_pos = _count_positions_below(
-        idx_row, count,
+        idx_row, count, index_width,
         key_lo // BLOCK_SIZE,  # blocks ending at or before key_lo: invisible
         tl.cdiv(key_lo, BLOCK_SIZE),  # blocks starting at or after key_lo may be fully visible ...
         tl.maximum(full_hi, 0) // BLOCK_SIZE,  # ... if they end at or before full_hi
@@ -390,7 +413,7 @@ def triton_block_sparse_attention(
     if config.kv_loads not in KV_LOADS:
         raise ValueError(f"KernelConfig.kv_loads must be one of {KV_LOADS}; got {config.kv_loads!r}.")
     if config.kv_loads != "pointer" and not (_tma_ready(k) and _tma_ready(v)):
-        config = KernelConfig(config.block_m, config.block_n, config.num_warps, config.num_stages, "pointer")
+        config = replace(config, kv_loads="pointer")
 
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     softcap_log2 = 0.0 if softcap is None else float(softcap) * LOG2E
@@ -415,13 +438,14 @@ def triton_block_sparse_attention(
         _block_sparse_attention_kernel[grid](
             q, k, v, out, lse, key_range_arg, counts, indices, k_desc, v_desc,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *count_strides, *index_strides,
-            batch, q_heads, kv_heads, q_len, k_len, n_q_tiles,
+            batch, q_heads, kv_heads, q_len, k_len, n_q_tiles, indices.shape[-1] if layout is not None else 0,
             scale * LOG2E, softcap_log2, softcap_arg,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             BLOCK_SIZE=block_size, DENSE=layout is None, CAUSAL=bool(causal), HAS_KEY_RANGE=key_range is not None,
             HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse, KV_TMA=config.kv_loads != "pointer",
             WARP_SPECIALIZE=config.warp_specialize,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            COUNT_CHUNK=128, num_warps=config.num_warps, num_stages=config.num_stages,
+            COUNT_CHUNK=128, GROUP_MAJOR=config.group_major,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return (out, lse) if return_lse else out
