@@ -63,9 +63,7 @@ def _previous_attention(previous: str, module: torch.nn.Module) -> Callable:
 def _dense_reason(previous, module, query, key, value, attention_mask, dropout, kwargs,
                   config) -> tuple[str | None, bool]:
     """(why this call must be dense, whether to warn), or (None, _) when the sparse path may run."""
-    q_len, k_len = query.shape[2], key.shape[2]
-    if too_short_for_sparse(q_len, k_len, config):
-        return "decode or a short prompt", False
+    k_len = key.shape[2]
     is_causal = kwargs.get("is_causal")
     if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
         return f"non-causal attention in {type(module).__name__}", True
@@ -109,17 +107,32 @@ def _packed_positions(position_ids) -> bool:
 def _make_attention(previous: str) -> Callable:
     def sparse_prefill_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         config = _CONFIGS.get(module)
-        reading = None
-        if config is not None:
-            reading = _plan_sparse(previous, module, query, key, value, attention_mask, dropout, kwargs, config)
-        if reading is None:
-            dense = _previous_attention(previous, module)
-            return dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        out = _attend_sparse(query, key, value, reading, config, scaling, kwargs.get("softcap"))
-        return out.transpose(1, 2).contiguous(), None
+        # Shapes only, so torch.compile traces decode steps straight through to the previous implementation.
+        if config is not None and not too_short_for_sparse(query.shape[2], key.shape[2], config):
+            out = _sparse_prefill(previous, module, query, key, value, attention_mask, dropout, scaling, kwargs, config)
+            if out is not None:
+                return out, None
+        dense = _previous_attention(previous, module)
+        return dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     sparse_prefill_attention.__name__ = f"sparse_prefill_attention_over_{previous}"
     return sparse_prefill_attention
+
+
+@torch.compiler.disable  # data-dependent selection: under torch.compile it runs eagerly, between compiled graphs
+def _sparse_prefill(previous, module, query, key, value, attention_mask, dropout, scaling, kwargs,
+                    config) -> torch.Tensor | None:
+    """The sparse attention output [B, Lq, Hq, D], or None when this call must go to the dense implementation."""
+    reading = _plan_sparse(previous, module, query, key, value, attention_mask, dropout, kwargs, config)
+    if reading is None:
+        return None
+    softcap = kwargs.get("softcap")
+    key, value = key[:, :, :reading.num_keys], value[:, :, :reading.num_keys]
+    if reading.rows is not None:
+        out = attend_rows_alone(query, key, value, reading.rows, config, scale=scaling, softcap=softcap)
+    else:
+        out = sparse_attention(query, key, value, config, scale=scaling, softcap=softcap)
+    return out.transpose(1, 2).contiguous()
 
 
 def _plan_sparse(previous, module, query, key, value, attention_mask, dropout, kwargs, config) -> MaskReading | None:
@@ -136,14 +149,6 @@ def _plan_sparse(previous, module, query, key, value, attention_mask, dropout, k
             _warn_once(reason)
         return None
     return reading
-
-
-def _attend_sparse(query, key, value, reading: MaskReading, config, scale, softcap) -> torch.Tensor:
-    """Sparse attention [B, Hq, Lq, D] over the real keys: the whole batch at once, or row by row when padded."""
-    key, value = key[:, :, :reading.num_keys], value[:, :, :reading.num_keys]
-    if reading.rows is not None:
-        return attend_rows_alone(query, key, value, reading.rows, config, scale=scale, softcap=softcap)
-    return sparse_attention(query, key, value, config, scale=scale, softcap=softcap)
 
 
 def _register(previous: str) -> str:
