@@ -71,7 +71,7 @@ def default_config(head_dim: int, block_size: int, q: torch.Tensor) -> KernelCon
         return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, kv_loads=loads)
     if head_dim > 128:
         return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, kv_loads=loads)
-    return KernelConfig(block_m=128, block_n=64 if head_dim > 64 else 128, num_warps=8, num_stages=3, kv_loads=loads)
+    return KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, kv_loads=loads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def _attend_tiles(
     qk_scale, softcap_log2, softcap_arg,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     DENSE: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    KV_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
     """The online-softmax core: fold key tiles [tile_lo, tile_hi) of the row into (acc, l_i, m_i).
 
@@ -139,7 +139,7 @@ def _attend_tiles(
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    for tile in tl.range(tile_lo, tile_hi, warp_specialize=WARP_SPECIALIZE):
+    for tile in tl.range(tile_lo, tile_hi, num_stages=STAGES, warp_specialize=WARP_SPECIALIZE):
         # -- which keys: the tile's first key from the layout row ----------------------------------
         if DENSE:
             n0 = tile * BLOCK_N
@@ -199,7 +199,7 @@ def _block_sparse_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_RANGE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, KV_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, COUNT_CHUNK: tl.constexpr, GROUP_MAJOR: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, COUNT_CHUNK: tl.constexpr, GROUP_MAJOR: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # -- which (batch, head, query tile). The heads of one KV group are always neighbours (they read the
     # same K/V, so it is fetched once and served from L2), and late query tiles, the longest under
@@ -260,6 +260,13 @@ def _block_sparse_attention_kernel(
     full_hi_pos = tl.maximum(full_hi_pos, full_lo_pos)
     vis_hi_pos = tl.maximum(vis_hi_pos, full_hi_pos)
     TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    # Software pipelining depth of the unmasked loop. Reading the block index costs pipeline stages
+    # of its own (Triton 3.6 gives the index -> TMA chain two), so a sparse row gets two more: its
+    # K/V tiles then arrive NUM_STAGES - 1 tiles ahead, as on the dense path (checked in the TTGIR:
+    # three K/V buffers for NUM_STAGES=3). The masked loops run one or two tiles and get two stages,
+    # which keeps 128x128 tiles within shared memory.
+    FULL_STAGES: tl.constexpr = NUM_STAGES if DENSE else NUM_STAGES + 2
+    MASKED_STAGES: tl.constexpr = 2
 
     # -- operands ------------------------------------------------------------------------------------
     q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -282,18 +289,20 @@ def _block_sparse_attention_kernel(
             acc, l_i, m_i, q, rows_pos, k_head, v_head, k_desc, v_desc, b, kv_head,
             stride_kn, stride_kd, stride_vn, stride_vd, idx_row, skip_lo * TILES, full_lo_pos * TILES,
             key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
-            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, False, DOT_PRECISION)
+            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, False, DOT_PRECISION,
+            MASKED_STAGES)
     acc, l_i, m_i = _attend_tiles(  # fully visible blocks: no mask
         acc, l_i, m_i, q, rows_pos, k_head, v_head, k_desc, v_desc, b, kv_head,
         stride_kn, stride_kd, stride_vn, stride_vd, idx_row, full_lo_pos * TILES, full_hi_pos * TILES,
         key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, False, HAS_SOFTCAP, KV_TMA, WARP_SPECIALIZE,
-        DOT_PRECISION)
+        DOT_PRECISION, FULL_STAGES)
     acc, l_i, m_i = _attend_tiles(  # the diagonal and the end of the keys
         acc, l_i, m_i, q, rows_pos, k_head, v_head, k_desc, v_desc, b, kv_head,
         stride_kn, stride_kd, stride_vn, stride_vd, idx_row, full_hi_pos * TILES, vis_hi_pos * TILES,
         key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, False, DOT_PRECISION)
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, False, DOT_PRECISION,
+            MASKED_STAGES)
 
     # -- epilogue: rows that saw no key get 0 and lse -inf ------------------------------------------------
     seen = l_i > 0.0
@@ -445,7 +454,7 @@ def triton_block_sparse_attention(
             HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse, KV_TMA=config.kv_loads != "pointer",
             WARP_SPECIALIZE=config.warp_specialize,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            COUNT_CHUNK=128, GROUP_MAJOR=config.group_major,
+            COUNT_CHUNK=128, GROUP_MAJOR=config.group_major, NUM_STAGES=config.num_stages,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return (out, lse) if return_lse else out
