@@ -5,6 +5,11 @@ we register one attention function under "sparse_prefill:<prev>" and the mask fu
 already uses, then switch the model to that name. The function runs the sparse path for long
 causal prefill and hands everything else (decode, short prompts, features the sparse path lacks)
 to `prev` unchanged, so dense results stay bit-identical. `unpatch_model` switches back.
+
+The mask `prev` builds is read once per forward (`masks.py`): padded batches run row by row as if
+each row were alone (`padded_rows.py`), static caches lose their empty slots, and any other mask
+pattern goes dense. Under torch.compile the sparse branch runs eagerly between compiled graphs; the
+decision to take it depends on shapes only, so decode steps trace straight through.
 """
 
 from __future__ import annotations
