@@ -21,7 +21,7 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def _ints(text: str) -> list[int]:
+def parse_lengths(text: str) -> list[int]:
     """'4k,8192' -> [4096, 8192] (k = 1024)."""
     items = [x.strip().lower() for x in text.split(",") if x.strip()]
     return [int(float(x[:-1]) * 1024) if x.endswith("k") else int(x) for x in items]
@@ -52,7 +52,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_task_args(p: argparse.ArgumentParser, depths: str) -> None:
     g = p.add_argument_group("examples")
-    g.add_argument("--lengths", type=_ints, help="comma list of prompt lengths in tokens, e.g. 4k,8k,16k,32k "
+    g.add_argument("--lengths", type=parse_lengths, help="comma list of prompt lengths in tokens, e.g. 4k,8k,16k,32k "
                                                  "(default: 512,1024,2048 on the tiny model, else 4k,8k,16k,32k)")
     g.add_argument("--depths", type=_floats, default=_floats(depths),
                    help=f"needle depths in [0, 1] (default {depths})")
@@ -309,7 +309,7 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("ppl", help="perplexity of long text, dense vs sparse")
     _add_model_args(p)
     _add_config_args(p)
-    p.add_argument("--lengths", type=_ints, help="default 1024,2048 on the tiny model, else 4k,8k,16k,32k")
+    p.add_argument("--lengths", type=parse_lengths, help="default 1024,2048 on the tiny model, else 4k,8k,16k,32k")
     p.add_argument("--haystack", choices=("noise", "prose"), default="prose")
     _add_output_args(p, "ppl")
     p.set_defaults(func=run_ppl)
@@ -317,7 +317,7 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("speed", help="prefill time on this device: dense SDPA backends vs sparse")
     _add_model_args(p)
     _add_config_args(p)
-    p.add_argument("--lengths", type=_ints, help="default 1024,2048 on random-weight models, else 8k,32k")
+    p.add_argument("--lengths", type=parse_lengths, help="default 1024,2048 on random-weight models, else 8k,32k")
     p.add_argument("--what", choices=("attention", "e2e", "both"), default="both")
     p.add_argument("--densities", help="force densities: one number, or a JSON file of per-layer densities "
                                        "(density.json from `sparse-prefill niah`)")

@@ -126,18 +126,19 @@ def end_to_end(model, input_ids: torch.Tensor, config: SparsePrefillConfig,
     def forward():
         return model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
 
-    rows = []
+    rows, reference = [], None
     unpatch_model(model)
     for name, backend in dense_backends(device).items():
         with _backend_context(backend):
             try:
                 seconds = time_call(forward, device, repeats)
-            except RuntimeError as err:
+            except RuntimeError as err:  # a backend that refuses this model's shapes or dtype
                 rows.append({"what": "end-to-end", "length": length, "variant": f"dense {name}", "ms": None,
                              "note": str(err).splitlines()[0][:80]})
                 continue
-        rows.append({"what": "end-to-end", "length": length, "variant": f"dense {name}", "ms": 1e3 * seconds,
-                     **_peak(device, forward)})
+            logits, peak = _last_call(device, forward)
+        reference = logits if reference is None else reference
+        rows.append({"what": "end-to-end", "length": length, "variant": f"dense {name}", "ms": 1e3 * seconds, **peak})
     layers = num_layers(model)
     recorder = LayoutRecorder(layers)
     forced = None
@@ -145,7 +146,6 @@ def end_to_end(model, input_ids: torch.Tensor, config: SparsePrefillConfig,
         per_layer = [float(densities)] * layers if isinstance(densities, (int, float)) else resample_layers(
             list(densities), layers)
         forced = ForcedDensity(per_layer)
-    note = "forced densities" if forced else ""
 
     def hook(layer, q, k, layout):
         return recorder(layer, q, k, forced(layer, q, k, layout) if forced else layout)
@@ -154,23 +154,29 @@ def end_to_end(model, input_ids: torch.Tensor, config: SparsePrefillConfig,
     try:
         with intercept_layouts(model, hook):
             seconds = time_call(forward, device, repeats)
-            peak = _peak(device, forward)
             recorder.reset()
-            forward()
+            logits, peak = _last_call(device, forward)
     finally:
         unpatch_model(model)
-    rows.append({"what": "end-to-end", "length": length, "variant": "sparse", "ms": 1e3 * seconds,
-                 "density": recorder.mean_density(), "sparse_layers": recorder.sparse_layers, "note": note, **peak})
+    row = {"what": "end-to-end", "length": length, "variant": "sparse", "ms": 1e3 * seconds,
+           "density": recorder.mean_density(), "sparse_layers": recorder.sparse_layers,
+           "note": "forced densities" if forced else "", **peak}
+    if reference is not None:  # does the sparse prefill still predict the same next token?
+        row["top1_match"] = bool(logits.argmax() == reference.argmax())
+        row["logit_cosine"] = float(torch.nn.functional.cosine_similarity(logits, reference, dim=0))
+    rows.append(row)
     return _with_speedups(rows)
 
 
-def _peak(device: torch.device, fn: Callable[[], object]) -> dict:
+def _last_call(device: torch.device, forward: Callable[[], object]) -> tuple[torch.Tensor, dict]:
+    """(fp32 last-token logits, {"peak_gib": ...} on CUDA) of one more untimed forward."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    logits = forward().logits[0, -1].float()
     if device.type != "cuda":
-        return {}
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
+        return logits, {}
     synchronize(device)
-    return {"peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    return logits, {"peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def _with_speedups(rows: list[dict]) -> list[dict]:

@@ -54,9 +54,11 @@ class Example:
     max_new_tokens: int
 
     def needle_depth(self, i: int = 0) -> float:
-        """Measured depth of needle i: its start's offset in the context over the context length."""
+        """Measured depth of needle i: haystack tokens before it over all haystack tokens (needles excluded)."""
         start, end = self.context_span
-        return (self.needle_spans[i][0] - start) / max(end - start, 1)
+        needle_tokens = sum(e - s for s, e in self.needle_spans)
+        before = self.needle_spans[i][0] - start - sum(e - s for s, e in self.needle_spans if e <= self.needle_spans[i][0])
+        return before / max(end - start - needle_tokens, 1)
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,9 @@ def _fit_list(tokenizer, budget: int, build: Callable[[int], list[str]], guess: 
         entries = build(n)
         return [t for ids in tokenizer(entries, add_special_tokens=False)["input_ids"] for t in ids] if entries else []
 
+    if len(ids_for(0)) > budget:
+        raise ValueError(f"A context of {budget} tokens cannot hold the smallest list of this task; ask for a longer "
+                         "prompt.")
     lo, hi = 0, max(1, guess)
     while len(ids_for(hi)) <= budget:  # grow until too long
         lo, hi = hi, hi * 2

@@ -1,0 +1,33 @@
+"""The three plots are written as non-empty PNG files, and refuse data they cannot draw."""
+
+import pytest
+
+from sparse_prefill.eval.plots import plot_accuracy_vs_speedup, plot_density_heatmap, plot_niah_heatmap
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path):
+    data = path.read_bytes()
+    return data[:8] == PNG and len(data) > 2000
+
+
+def test_niah_heatmap_dense_and_sparse_side_by_side(tmp_path):
+    rows = [{"mode": m, "length": n, "depth": d, "score": float((n + d * 10) % 2)}
+            for m in ("dense", "sparse") for n in (1024, 4096) for d in (0.0, 0.5, 1.0)]
+    assert _is_png(plot_niah_heatmap(rows, tmp_path / "sub" / "niah.png", "title"))
+    with pytest.raises(ValueError, match="needle task"):
+        plot_niah_heatmap([{"mode": "dense", "length": 1, "depth": None, "score": 1.0}], tmp_path / "x.png")
+
+
+def test_accuracy_vs_speedup_curve(tmp_path):
+    points = [{"label": f"g={g}", "accuracy": a, "speedup": s} for g, a, s in ((0.9, 0.8, 2.0), (0.99, 1.0, 1.2))]
+    assert _is_png(plot_accuracy_vs_speedup(points, tmp_path / "curve.png", dense_accuracy=1.0))
+    with pytest.raises(ValueError, match="at least one point"):
+        plot_accuracy_vs_speedup([], tmp_path / "y.png")
+
+
+def test_density_heatmap_leaves_dense_layers_blank(tmp_path):
+    assert _is_png(plot_density_heatmap([[0.1, 0.9], None, [0.5, 0.5]], tmp_path / "density.png"))
+    with pytest.raises(ValueError, match="at least one sparse layer"):
+        plot_density_heatmap([None, None], tmp_path / "z.png")
