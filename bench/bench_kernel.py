@@ -206,7 +206,7 @@ def check(device, variants):
 
 
 def run_size(n, args, device, flex_compiled, deadline):
-    b, hq, hkv, d, bs = 1, args.q_heads, args.kv_heads, args.head_dim, 128
+    b, hq, hkv, d, bs = 1, args.q_heads, args.kv_heads, args.head_dim, args.block_size
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator(device=device).manual_seed(n)
     q = torch.randn(b, hq, n, d, device=device, dtype=dtype, generator=gen)
@@ -291,8 +291,9 @@ def run_size(n, args, device, flex_compiled, deadline):
                 record("flex", name, density, None, note=f"failed: {type(exc).__name__} {str(exc)[:150]}")
         for spec in args.variants:
             config = parse_variant(spec)
+            layout_bs = 128 if layout is None else layout.block_size
             label = "ours:" + (spec if config is not None else
-                               "default(" + _describe(default_config(d, bs, q)) + ")")
+                               "default(" + _describe(default_config(d, layout_bs, q)) + ")")
 
             def ours(layout=layout, config=config):
                 return triton_block_sparse_attention(q, k, v, layout, config=config)
@@ -363,6 +364,7 @@ def main():
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--block-size", type=int, default=128, choices=[64, 128], help="layout block size")
     parser.add_argument("--ref-max-len", type=int, default=32768, help="longest N checked against the reference")
     parser.add_argument("--time-budget", type=float, default=450.0, help="seconds; later measurements are skipped")
     args = parser.parse_args()
