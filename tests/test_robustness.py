@@ -155,7 +155,7 @@ def test_triton_wrapper_allocates_only_on_the_inputs_device():
 
 def stub(device_type, dtype, shape):
     """Just enough of a tensor for the dense/sparse decision (no CUDA here)."""
-    return types.SimpleNamespace(shape=shape, is_cuda=device_type == "cuda", dtype=dtype)
+    return types.SimpleNamespace(shape=shape, is_cuda=device_type == "cuda", dtype=dtype, requires_grad=False)
 
 
 @pytest.mark.parametrize("device_type, dtype, head_dim, reason", [
@@ -193,6 +193,19 @@ def test_output_attentions_goes_dense_with_a_warning(monkeypatch):
     with pytest.warns(SparsePrefillWarning, match="output_attentions"):
         got = model(PROMPT).attentions
     assert len(got) == 2 and all(torch.allclose(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_calls_that_need_gradients_go_dense_so_backward_is_exact(monkeypatch):
+    model = tiny_model("llama")
+    model(PROMPT).logits.square().mean().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    patch_model(model, TIGHT)
+    with pytest.warns(SparsePrefillWarning, match="gradients"):
+        model(PROMPT).logits.square().mean().backward()
+    assert all(torch.allclose(p.grad, w, atol=1e-6) for p, w in zip(model.parameters(), want, strict=True))
+    _, ran, _ = forward_recording(model, monkeypatch)  # under no_grad the same model runs sparse
+    assert ran == {0: True, 1: True}
 
 
 def test_torch_compile_runs_sparse_prefill_eagerly_and_traces_decode_fully():

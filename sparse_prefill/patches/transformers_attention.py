@@ -79,6 +79,8 @@ def _dense_reason(previous, module, query, key, value, attention_mask, dropout, 
         return "output_attentions=True (the sparse path computes no attention weights)", True
     if dropout and module.training:
         return "attention dropout in training mode", True
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return "calls that need gradients (the sparse path is forward-only: run inference under torch.no_grad())", True
     for name in ("s_aux", "sinks", "position_bias", "head_mask", "cu_seq_lens_q", "cu_seq_lens_k", "block_table"):
         if kwargs.get(name) is not None:
             return f"`{name}` (not supported by the sparse path)", True
