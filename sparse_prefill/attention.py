@@ -46,6 +46,10 @@ def sparse_attention(
     config = config or SparsePrefillConfig()
     check_attention_inputs(q, k, v)
     check_key_range(key_range, q)
+    if q.shape[2] == 0:  # no query: nothing to select or attend
+        empty = torch.zeros(*q.shape[:2], 0, -(-k.shape[2] // config.block_size), dtype=torch.bool, device=q.device)
+        layout = BlockLayout.from_mask(empty, config.block_size, max_count=0)
+        return (q.new_zeros(q.shape), layout) if return_layout else q.new_zeros(q.shape)
     # Under a device_map the current CUDA device is not q's: every launch below must go to q's device.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         layout = select_blocks(q, k, config, scale=scale, key_range=key_range)

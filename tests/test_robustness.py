@@ -326,6 +326,13 @@ def test_a_layout_that_does_not_fit_and_a_forced_unavailable_kernel_raise():
 # Numerical safety: no NaN or inf where dense attention has none
 # ---------------------------------------------------------------------------------------------
 
+def test_empty_queries_give_empty_outputs():
+    q, k = torch.randn(1, 2, 0, 16), torch.randn(1, 2, 70, 16)
+    out, layout = sparse_attention(q, k, k, TIGHT, return_layout=True)
+    assert out.shape == q.shape and layout.counts.shape == (1, 2, 0)
+    assert block_sparse_attention(q, k, k, layout).shape == q.shape
+
+
 def test_rows_with_no_block_and_fully_padded_rows_give_zero_not_nan():
     q, k, v = bad(k=(1, 2, 128, 16), v=(1, 2, 128, 16))
     empty = BlockLayout.from_mask(torch.zeros(1, 4, 2, 2, dtype=torch.bool), 64)
