@@ -49,15 +49,16 @@ def read_mask(mask, q_len: int, k_len: int, previous: str) -> tuple[MaskReading 
         return _read_missing_mask(q_len, k_len, previous)
     if not isinstance(mask, torch.Tensor):
         return None, f"an attention mask of type {type(mask).__name__}"
-    cache_key = (q_len, k_len, _version(mask))
+    version = _version(mask)
     readings = getattr(mask, _CACHE_ATTRIBUTE, None)
-    if readings is not None and cache_key in readings:
-        return readings[cache_key]
-    result = _read_padding_mask(mask, k_len) if mask.dim() == 2 else _read_full_mask(mask, q_len, k_len)
     if readings is None:
         readings = {}
         setattr(mask, _CACHE_ATTRIBUTE, readings)
-    readings[cache_key] = result
+    seen = readings.get((q_len, k_len))
+    if seen is not None and seen[0] == version:
+        return seen[1]
+    result = _read_padding_mask(mask, k_len) if mask.dim() == 2 else _read_full_mask(mask, q_len, k_len)
+    readings[(q_len, k_len)] = (version, result)
     return result
 
 
