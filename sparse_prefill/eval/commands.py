@@ -196,8 +196,6 @@ def run_ppl(args) -> int:
 
 
 def run_speed(args) -> int:
-    import torch
-
     from .recording import load_layer_densities
     from .runner import format_table
     from .speed import attention_only, attention_shape, end_to_end
@@ -213,9 +211,7 @@ def run_speed(args) -> int:
             one = densities if isinstance(densities, float) or densities is None else sum(densities) / len(densities)
             rows += attention_only(attention_shape(s.model.config), length, s.config, device, dtype, one, args.repeats)
         if args.what in ("e2e", "both"):
-            ids = torch.randint(0, min(s.model.config.vocab_size, 32000), (1, length), device=device,
-                                generator=torch.Generator(device=device).manual_seed(0))
-            rows += end_to_end(s.model, ids, s.config, densities, args.repeats)
+            rows += end_to_end(s.model, _speed_prompt(s, length, device), s.config, densities, args.repeats)
     path = s.fresh("results.jsonl")
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(format_table(rows, ["what", "length", "variant", "ms", "speedup", "density", "peak_gib", "note"]))
@@ -224,6 +220,20 @@ def run_speed(args) -> int:
         print("note: random inputs attend almost uniformly, so the sparse path keeps most blocks; pass --densities "
               "(a number or a density.json from `sparse-prefill niah` on a trained model) to time real sparsity.")
     return 0
+
+
+def _speed_prompt(session: _Session, length: int, device):
+    """Random tokens for random weights; for a trained model a real prompt (prose and a passkey), whose
+    attention is as sparse as real use."""
+    import torch
+
+    if session.random:
+        return torch.randint(0, min(session.model.config.vocab_size, 32000), (1, length), device=device,
+                             generator=torch.Generator(device=device).manual_seed(0))
+    from .tasks import make_example
+
+    example = make_example("passkey", session.tokenizer, length, depth=0.5, haystack="prose")
+    return torch.tensor([list(example.input_ids)], device=device)
 
 
 def _is_number(text: str) -> bool:

@@ -30,8 +30,8 @@ def plot_niah_heatmap(rows: list[dict], path: str | Path, title: str = "") -> Pa
     depths = sorted({r["depth"] for r in rows if r.get("depth") is not None})
     if not modes or not depths:
         raise ValueError("plot_niah_heatmap needs rows of a needle task (with depths) in dense or sparse mode.")
-    fig, axes = plt.subplots(1, len(modes), figsize=(1.2 + 1.1 * len(lengths) * len(modes), 1.4 + 0.45 * len(depths)),
-                             squeeze=False, constrained_layout=True)
+    size = (max(6.0, 1.5 + 1.1 * len(lengths) * len(modes)), max(3.0, 1.6 + 0.45 * len(depths)))
+    fig, axes = plt.subplots(1, len(modes), figsize=size, squeeze=False, constrained_layout=True)
     image = None
     for ax, mode in zip(axes[0], modes, strict=True):
         grid = _grid(rows, mode, lengths, depths)
@@ -43,9 +43,9 @@ def plot_niah_heatmap(rows: list[dict], path: str | Path, title: str = "") -> Pa
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        ax.set_xlabel("context length (tokens)")
         ax.set_title(mode)
     axes[0][0].set_ylabel("needle depth")
+    fig.supxlabel("context length (tokens)", fontsize=10)
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy", shrink=0.9)
     if title:
         fig.suptitle(title, fontsize=10)

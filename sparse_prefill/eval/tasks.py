@@ -56,9 +56,10 @@ class Example:
     def needle_depth(self, i: int = 0) -> float:
         """Measured depth of needle i: haystack tokens before it over all haystack tokens (needles excluded)."""
         start, end = self.context_span
-        needle_tokens = sum(e - s for s, e in self.needle_spans)
-        before = self.needle_spans[i][0] - start - sum(e - s for s, e in self.needle_spans if e <= self.needle_spans[i][0])
-        return before / max(end - start - needle_tokens, 1)
+        at = self.needle_spans[i][0]
+        needles_before = sum(e - s for s, e in self.needle_spans if e <= at)
+        haystack = end - start - sum(e - s for s, e in self.needle_spans)
+        return (at - start - needles_before) / max(haystack, 1)
 
 
 @dataclass(frozen=True)
