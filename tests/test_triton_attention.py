@@ -164,6 +164,8 @@ def test_reads_only_counted_indices():
     garbage = torch.where(slot < layout.counts[..., None], layout.indices, torch.full_like(layout.indices, 10**6))
     wide = BlockLayout(layout.counts, garbage, 64, 3)
     assert_matches_reference(q, k, v, wide)
+    column_major = garbage.transpose(-1, -2).contiguous().transpose(-1, -2)  # last stride != 1
+    assert_matches_reference(q, k, v, BlockLayout(layout.counts, column_major, 64, 3))
 
 
 def test_unsupported_inputs_raise_value_errors():

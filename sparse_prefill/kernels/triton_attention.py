@@ -2,13 +2,14 @@
 
 Same semantics as `reference.block_sparse_attention_reference` (read that first). How it is computed:
 
-* One program per (query tile, batch row, query head). The query tile (`block_m` rows) stays in
-  registers while the program walks the key blocks its layout row keeps, `block_n` keys at a time,
+* One program per (query tile, batch row, query head). The query tile (`block_m` rows) stays on
+  chip while the program walks the key blocks its layout row keeps, `block_n` keys at a time,
   with an online softmax in log2 units (the log2(e) factor is folded into the score scale, so the
   exponentials are `exp2`).
 * GQA without copies: query head h reads KV head h // (Hq // Hkv). Programs are ordered so that the
-  heads of one KV group run side by side, and long (late) query tiles start first; the group's
-  heads then read each K/V tile from HBM once and from L2 after that.
+  heads of one KV group run side by side, every query tile of one KV head runs before the next KV
+  head, and long (late) query tiles start first; the group's heads then read each K/V tile from HBM
+  once and from L2 after that, also when the layout scatters blocks.
 * Masking only where needed. The layout's block indices are ascending, so a row splits into
   positions [lower boundary | fully visible | upper boundary]: the fully visible blocks run through
   the unmasked loop (`MASKED=False`), the few blocks that straddle the causal diagonal, the end of
@@ -48,6 +49,8 @@ class KernelConfig:
 
     block_m: query rows per program; divides the layout's block size.
     block_n: keys per inner step; divides the layout's block size.
+    num_stages: software-pipelining depth of the K/V loads (the index-reading loop gets two more, see
+        the kernel); num_warps as in Triton.
     kv_loads: "pointer" (plain loads), "tma" (host-built tensor descriptors, Hopper), or
         "tma_device" (descriptors built in the kernel; needs `triton.set_allocator`).
     warp_specialize: ask Triton to split loads and math into separate warps (Hopper/Blackwell).
@@ -55,9 +58,9 @@ class KernelConfig:
     """
 
     block_m: int = 128
-    block_n: int = 64
+    block_n: int = 128
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
     kv_loads: str = "pointer"
     warp_specialize: bool = False
     group_major: bool = True
@@ -194,7 +197,7 @@ def _block_sparse_attention_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_cb, stride_ch, stride_cq,
-    stride_ib, stride_ih, stride_iq, stride_ic,
+    stride_ib, stride_ih, stride_iq,
     batch, q_heads, kv_heads, q_len, k_len, n_q_tiles, index_width,
     qk_scale, softcap_log2, softcap_arg,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -303,7 +306,7 @@ def _block_sparse_attention_kernel(
         stride_kn, stride_kd, stride_vn, stride_vd, idx_row, full_hi_pos * TILES, vis_hi_pos * TILES,
         key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
         BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, False, DOT_PRECISION,
-            MASKED_STAGES)
+        MASKED_STAGES)
 
     # -- epilogue: rows that saw no key get 0 and lse -inf ------------------------------------------------
     seen = l_i > 0.0
@@ -362,9 +365,10 @@ def triton_interpreter_on() -> bool:
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
-    """TMA needs a unit last stride and 16-byte aligned base and strides."""
+    """TMA needs a unit last stride and positive, 16-byte aligned base and strides."""
     size = t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s > 0 and (s * size) % 16 == 0 for s in t.stride()[:-1]))
 
 
 def _kv_operands(k, v, config: KernelConfig, block_d: int):
@@ -435,9 +439,13 @@ def triton_block_sparse_attention(
     if key_range is not None and key_range.dtype != torch.int32:
         key_range = key_range.to(torch.int32)
     key_range_arg = key_range.contiguous() if key_range is not None else out
-    counts, indices = (layout.counts, layout.indices) if layout is not None else (out, out)
-    count_strides = counts.stride() if layout is not None else (0, 0, 0)
-    index_strides = indices.stride() if layout is not None else (0, 0, 0, 0)
+    if layout is not None:  # a row's block indices are read as one contiguous run
+        counts, indices = layout.counts, layout.indices
+        if indices.stride(-1) != 1:
+            indices = indices.contiguous()
+        count_strides, index_strides = counts.stride(), indices.stride()[:3]
+    else:
+        counts, indices, count_strides, index_strides = out, out, (0, 0, 0), (0, 0, 0)
     k_desc, v_desc = _kv_operands(k, v, config, block_d)
 
     grid = (n_q_tiles * batch * q_heads,)
