@@ -37,3 +37,14 @@ def test_task_dataset_builds_lengths_times_samples_docs():
     assert docs[0]["outputs"][0] in docs[0]["input"]
     with pytest.raises(ValueError, match="pretrained"):
         task_dataset("passkey")
+
+
+def test_our_task_folder_joins_the_include_path_users_give():
+    from sparse_prefill.eval.lm_harness import _with_our_tasks
+
+    ours = str(tasks_dir())
+    assert _with_our_tasks(["--tasks", "x"]) == ["--tasks", "x", "--include_path", ours]
+    assert _with_our_tasks(["--include_path", "/mine", "--tasks", "x"]) == ["--include_path", f"/mine:{ours}",
+                                                                          "--tasks", "x"]
+    assert _with_our_tasks(["--include_path=/mine"]) == [f"--include_path=/mine:{ours}"]
+    assert _with_our_tasks(["--help"]) == ["--help"]

@@ -148,13 +148,24 @@ def fwe(**kwargs):
     return task_dataset("fwe", **kwargs)
 
 
+def _with_our_tasks(argv: list[str]) -> list[str]:
+    """argv with our task folder on lm_eval's --include_path (joined with ':' to one the user gave)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        return argv
+    ours = str(tasks_dir())
+    for i, arg in enumerate(argv):
+        if arg == "--include_path" and i + 1 < len(argv):
+            return [*argv[:i + 1], f"{argv[i + 1]}:{ours}", *argv[i + 2:]]
+        if arg.startswith("--include_path="):
+            return [*argv[:i], f"{arg}:{ours}", *argv[i + 1:]]
+    return [*argv, "--include_path", ours]
+
+
 def main(argv: list[str] | None = None) -> int:
     """lm_eval's command line with `sparse_hf` registered and our tasks on the include path."""
     from lm_eval.__main__ import cli_evaluate
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--include_path" not in argv and argv and argv[0] not in ("-h", "--help"):
-        argv += ["--include_path", str(tasks_dir())]
+    argv = _with_our_tasks(list(sys.argv[1:] if argv is None else argv))
     saved, sys.argv = sys.argv, ["lm_eval", *argv]
     try:
         cli_evaluate()
