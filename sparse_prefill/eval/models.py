@@ -205,7 +205,7 @@ def load_model(path: str | os.PathLike, dtype=None, device=None):
     source, extra = _source(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model_extra = _dequantize_gguf(Path(source) / extra["gguf_file"]) if extra else {}
+    model_extra = _dequantize_gguf() if extra else {}
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **model_extra)
     return model.to(device).eval(), tokenizer
@@ -233,7 +233,7 @@ def _source(path: str | os.PathLike) -> tuple[str, dict]:
                      f"model ({', '.join(sorted(PINS))}).")
 
 
-def _dequantize_gguf(path: Path) -> dict:
+def _dequantize_gguf() -> dict:
     """from_pretrained kwargs for a plain dense model from a GGUF file.
 
     Recent transformers keep GGUF weights packed unless asked (`GgufConfig(dequantize=True)`);
@@ -241,9 +241,10 @@ def _dequantize_gguf(path: Path) -> dict:
     """
     try:
         from transformers import GgufConfig
-    except ImportError:
+
+        return {"quantization_config": GgufConfig(dequantize=True)}
+    except (ImportError, TypeError):
         return {}
-    return {"quantization_config": GgufConfig(gguf_file=str(path), dequantize=True)}
 
 
 def to_safetensors(path: str | os.PathLike, out_dir: str | os.PathLike, dtype=None) -> Path:
