@@ -23,6 +23,11 @@ def select_blocks(
 ) -> BlockLayout:
     """The BlockLayout the sparse path would use for q [B, Hq, Lq, D] over k [B, Hkv, Lk, D]."""
     config = config or SparsePrefillConfig()
+    if q.is_cuda and config.backend != "torch":  # the fused Triton selection (kernels/selection.py)
+        from .kernels.selection import select_blocks_fused, use_fused_selection
+
+        if use_fused_selection(q, config.backend):
+            return select_blocks_fused(q, k, config, scale=scale, key_range=key_range)
     scores = estimate_block_scores(q, k, config, scale=scale, key_range=key_range)
     return layout_from_scores(scores, q, k, config, scale=scale, key_range=key_range)
 

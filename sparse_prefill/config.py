@@ -27,11 +27,12 @@ class SparsePrefillConfig:
             every trained model).
         local_blocks: key blocks right before each query block's diagonal that are always kept. The
             causal diagonal block(s) themselves are always kept on top of this.
-        stride: the estimate scores every `stride`-th query and key token; larger is cheaper and
-            coarser. It must divide `block_size`.
-        proxy_heads: "kv" pools the query heads of each KV group into one proxy head (ProxyAttn);
-            an int asks for that many proxies (it must divide the number of KV heads, or be a
-            multiple of it that divides the number of query heads).
+        stride: the estimate averages each run of `stride` consecutive queries, and of keys, into
+            one; larger is cheaper (stride^2) and coarser. It must divide `block_size`.
+        proxy_heads: "q" estimates every query head on its own; "kv" pools the query heads of each
+            KV group into one proxy head (ProxyAttn: cheaper, but it ranks poorly for heads unlike
+            their group); an int asks for that many proxies (it must divide the number of KV heads,
+            or be a multiple of it that divides the number of query heads).
         min_seq_len: prefill calls whose key length is below this stay dense and exact. None picks
             `auto_min_seq_len()`, the length above which sparse prefill has paid on an H100/H200 GPU.
         backend: "auto" uses the Triton kernels for fp16/bf16 on CUDA and the PyTorch reference
@@ -65,10 +66,10 @@ class SparsePrefillConfig:
         if (isinstance(self.stride, bool) or not isinstance(self.stride, int) or not 1 <= self.stride <= self.block_size
                 or self.block_size % self.stride):
             fail("stride", f"an int >= 1 that divides block_size={self.block_size} (1, 2, 4, 8, ...)")
-        if self.proxy_heads != "kv" and (
+        if self.proxy_heads not in ("q", "kv") and (
             isinstance(self.proxy_heads, bool) or not isinstance(self.proxy_heads, int) or self.proxy_heads < 1
         ):
-            fail("proxy_heads", '"kv" or an int >= 1')
+            fail("proxy_heads", '"q", "kv" or an int >= 1')
         if self.min_seq_len is not None and (
             isinstance(self.min_seq_len, bool) or not isinstance(self.min_seq_len, int) or self.min_seq_len < 0
         ):

