@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Real-weight runs on an H100/H200 GPU machine that has no network: stage by stage, each well under 10 minutes.
+#
+#   bench/real_models.sh receive PART_FILE...   copy split pieces of a GGUF file into $MODELS (one call per ~58 MiB)
+#   bench/real_models.sh assemble NAME SHA256   join $MODELS/NAME.part_* into NAME.gguf, check it, convert to bf16
+#   bench/real_models.sh niah NAME              NIAH single / multi-key / multi-value, 4K-32K x 5 depths x 3 seeds
+#   bench/real_models.sh ruler NAME             RULER-lite tasks and a gamma sweep at 32K
+#   bench/real_models.sh recall NAME TOKENS     captured attention mass vs density: ours, the oracle and two peers
+#   bench/real_models.sh e2e NAME               TTFT of the trained model and of Llama-3.1-8B (random weights) with
+#                                               the per-layer densities NAME chose at 32K
+#
+# The gguf reader travels as a wheel in .gpu/whl (pip download gguf==0.19.0). Results are packed into one
+# archive under $OUT (or ./out) so they come back as one file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODELS=${MODELS:-/root/models}
+RESULTS=${OUT:-./out}
+mkdir -p "$MODELS" "$RESULTS"
+if [ -d .gpu/whl ] && ! [ -d /root/site/gguf ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site .gpu/whl/*.whl
+fi
+export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1
+cli() { python3 -m sparse_prefill.cli "$@" --no-progress; }
+pack() { tar czf "$RESULTS/$1.tgz" -C "$2" . && ls -la "$RESULTS"; }
+
+stage=$1; shift
+case "$stage" in
+receive)
+    cp "$@" "$MODELS/" && ls -la "$MODELS" ;;
+assemble)
+    name=$1 sha=$2
+    cat "$MODELS/$name".part_* > "$MODELS/$name.gguf"
+    echo "$sha  $MODELS/$name.gguf" | sha256sum -c -
+    rm "$MODELS/$name".part_*
+    time python3 -c "from sparse_prefill.eval.models import to_safetensors; to_safetensors('$MODELS/$name.gguf', '$MODELS/$name')"
+    nvidia-smi --query-gpu=name,memory.total --format=csv ;;
+niah)
+    name=$1; out=/root/runs/$name/niah
+    for task in niah_single niah_multikey niah_multivalue; do
+        cli niah --model "$MODELS/$name" --task "$task" --lengths 4k,8k,16k,32k --seeds 3 --haystack prose \
+            --out "$out/$task"
+    done
+    pack "niah-$name" "$out" ;;
+ruler)
+    name=$1; out=/root/runs/$name/ruler
+    cli ruler --model "$MODELS/$name" --lengths 32k --out "$out/ruler"
+    cli sweep --model "$MODELS/$name" --task niah_single --lengths 32k --gammas 0.8,0.9,0.95,0.99 --out "$out/sweep"
+    pack "ruler-$name" "$out" ;;
+recall)
+    name=$1 tokens=$2; out=/root/runs/$name/recall-$tokens
+    python3 -m sparse_prefill.cli recall --model "$MODELS/$name" --tokens "$tokens" --out "$out"
+    pack "recall-$name-$tokens" "$out" ;;
+e2e)
+    name=$1; out=/root/runs/$name/e2e; mkdir -p "$out"
+    python3 bench/bench_e2e.py --model "$MODELS/$name" --model-lengths 8k,16k,32k --repeats 3 \
+        --arch llama-3.1-8b --lengths 32k,64k,128k --densities /root/runs/$name/niah/niah_single/density.json \
+        --attention 2>&1 | tee "$out/bench_e2e.log"
+    cp -f "$RESULTS"/bench_e2e.json "$out/" 2>/dev/null || true
+    pack "e2e-$name" "$out" ;;
+*)
+    echo "unknown stage $stage" >&2; exit 2 ;;
+esac
