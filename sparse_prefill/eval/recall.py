@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
-from ..attention import select_blocks
+from ..budget import choose_blocks, last_block_mass
 from ..config import SparsePrefillConfig
+from ..estimate import estimate_block_scores
 from ..layout import causal_block_limits
-from .peer_policies import flexprefill_mask, xattention_mask
+from .peer_policies import flexprefill_lines, flexprefill_select, xattention_block_mass, xattention_select
 
 DEFAULT_GAMMAS = (0.8, 0.9, 0.95, 0.98)
 POLICY_NAMES = ("ours", "oracle", "flexprefill", "xattention")
@@ -90,29 +91,29 @@ def capture_queries_and_keys(model, input_ids: torch.Tensor, store_dtype=torch.f
 
 # ------------------------------------------------------------------------------------------- exact mass
 def exact_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
-    """M fp32 [B, Hq, n_q_blocks, n_k_blocks]: mean over each query block's rows of their exact causal
-    softmax mass in each key block. Rows of M sum to 1. Computed `_ROWS_PER_CHUNK` rows at a time."""
+    """M fp32 [B, Hq, n_q_blocks, n_k_blocks] on q's device: the mean over each query block's rows of their
+    exact causal softmax mass in each key block. Rows of M sum to 1. Computed a few query blocks at a time."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    group, bs = hq // hkv, block_size
+    group, bs, device = hq // hkv, block_size, q.device
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     n_qb, n_kb = -(-lq // bs), -(-lk // bs)
     q_off = lk - lq
-    out = torch.zeros(b, hq, n_qb, n_kb)
+    out = torch.zeros(b, hq, n_qb, n_kb, device=device)
     rows_per_chunk = max(bs, _ROWS_PER_CHUNK // bs * bs)
     for r0 in range(0, lq, rows_per_chunk):
         r1 = min(r0 + rows_per_chunk, lq)
         k_end = min(lk, r1 + q_off)  # keys any row of the chunk may see
         kb_end = -(-k_end // bs)
-        pos = torch.arange(r0, r1) + q_off
-        allowed = torch.arange(k_end)[None, :] <= pos[:, None]
+        pos = torch.arange(r0, r1, device=device) + q_off
+        allowed = torch.arange(k_end, device=device)[None, :] <= pos[:, None]
         qc = q[:, :, r0:r1].float().reshape(b, hkv, group * (r1 - r0), d) * scale
         s = qc @ k[:, :, :k_end].float().transpose(-1, -2)  # [B, Hkv, G*R, K]
         s = s.reshape(b, hkv, group, r1 - r0, k_end).masked_fill(~allowed, -math.inf)
         p = torch.softmax(s, dim=-1).reshape(b, hq, r1 - r0, k_end)
         p = torch.nn.functional.pad(p, (0, kb_end * bs - k_end)).reshape(b, hq, r1 - r0, kb_end, bs).sum(-1)
         out[:, :, r0 // bs:-(-r1 // bs), :kb_end] += _sum_rows_per_block(p, bs)
-    rows = torch.clamp(lq - torch.arange(n_qb) * bs, max=bs).float()
+    rows = torch.clamp(lq - torch.arange(n_qb, device=device) * bs, max=bs).float()
     return out / rows[:, None]
 
 
@@ -124,21 +125,18 @@ def _sum_rows_per_block(p: torch.Tensor, bs: int) -> torch.Tensor:
     return p.reshape(p.shape[0], p.shape[1], n, bs, p.shape[-1]).sum(3)
 
 
-def causal_block_mask(n_qb: int, n_kb: int, block_size: int, q_len: int, k_len: int) -> torch.Tensor:
-    limits = causal_block_limits(n_qb, block_size, q_len, k_len)
-    return torch.arange(n_kb)[None, :] < limits[:, None]
-
-
 def score_mask(mask: torch.Tensor, block_mass: torch.Tensor, q_len: int, k_len: int,
                block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(captured mass, density) per head, fp32 [B, Hq] each, of a bool block mask [B, Hq, Qb, Kb]."""
     n_qb, n_kb = mask.shape[-2:]
-    causal = causal_block_mask(n_qb, n_kb, block_size, q_len, k_len)
-    rows = torch.clamp(q_len - torch.arange(n_qb) * block_size, max=block_size).float()
+    device = block_mass.device
+    limits = causal_block_limits(n_qb, block_size, q_len, k_len, device=device)
+    causal = torch.arange(n_kb, device=device)[None, :] < limits[:, None]
+    rows = torch.clamp(q_len - torch.arange(n_qb, device=device) * block_size, max=block_size).float()
     per_row = (block_mass * mask).sum(-1)  # [B, H, Qb]
     captured = (per_row * rows).sum(-1) / rows.sum()
     density = (mask & causal).sum((-2, -1)).float() / causal.sum()
-    return captured, density
+    return captured.cpu(), density.cpu()
 
 
 def oracle_mask(block_mass: torch.Tensor, g: float) -> torch.Tensor:
@@ -146,40 +144,52 @@ def oracle_mask(block_mass: torch.Tensor, g: float) -> torch.Tensor:
     order = block_mass.argsort(-1, descending=True)
     cumulative = block_mass.gather(-1, order).cumsum(-1)
     count = (cumulative < g * cumulative[..., -1:]).sum(-1, keepdim=True) + 1
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                            .expand_as(order))
     return rank < count
 
 
 # ----------------------------------------------------------------------------------------------- policies
-PolicyFn = Callable[[LayerQK, SparsePrefillConfig, torch.Tensor], torch.Tensor]
+Selector = Callable[[float], torch.Tensor]  # gamma -> bool block mask [B, Hq, Qb, Kb]
 
 
-def _ours(layer: LayerQK, config: SparsePrefillConfig, block_mass: torch.Tensor) -> torch.Tensor:
-    return select_blocks(layer.q.float(), layer.k.float(), config, scale=layer.scale).to_mask().cpu()
+def _ours(layer: LayerQK, config: SparsePrefillConfig, block_mass: torch.Tensor) -> Selector:
+    """`select_blocks`: the estimate and the exact last block do not depend on gamma, so they run once."""
+    q, k, q_len, k_len = layer.q, layer.k, layer.q.shape[2], layer.k.shape[2]
+    if q.is_cuda:
+        from ..kernels.selection import estimate_block_scores_fused as estimate
+        from ..kernels.selection import last_block_mass_fused as last
+    else:
+        estimate, last, q, k = estimate_block_scores, last_block_mass, q.float(), k.float()
+    scores = estimate(q, k, config, scale=layer.scale)
+    last_mass = last(q, k, config, scale=layer.scale)
+    return lambda g: choose_blocks(scores, last_mass, config.replace(gamma=g), q_len, k_len)
 
 
-def _oracle(layer: LayerQK, config: SparsePrefillConfig, block_mass: torch.Tensor) -> torch.Tensor:
-    return oracle_mask(block_mass, config.gamma)
+def _oracle(layer: LayerQK, config: SparsePrefillConfig, block_mass: torch.Tensor) -> Selector:
+    return lambda g: oracle_mask(block_mass, g)
 
 
-def _flexprefill(layer: LayerQK, config: SparsePrefillConfig, block_mass: torch.Tensor) -> torch.Tensor:
-    return flexprefill_mask(layer.q, layer.k, config, scale=layer.scale).cpu()
+def _flexprefill(layer: LayerQK, config: SparsePrefillConfig, block_mass: torch.Tensor) -> Selector:
+    vertical, slash = flexprefill_lines(layer.q, layer.k, layer.scale)
+    return lambda g: flexprefill_select(vertical, slash, config.replace(gamma=g), layer.q.shape[2], layer.k.shape[2])
 
 
-def _xattention(layer: LayerQK, config: SparsePrefillConfig, block_mass: torch.Tensor) -> torch.Tensor:
-    return xattention_mask(layer.q, layer.k, config, scale=layer.scale).cpu()
+def _xattention(layer: LayerQK, config: SparsePrefillConfig, block_mass: torch.Tensor) -> Selector:
+    mass = xattention_block_mass(layer.q, layer.k, config.block_size, layer.scale)
+    return lambda g: xattention_select(mass, config.replace(gamma=g), layer.q.shape[2], layer.k.shape[2])
 
 
-POLICIES: dict[str, PolicyFn] = {"ours": _ours, "oracle": _oracle, "flexprefill": _flexprefill,
-                                 "xattention": _xattention}
+POLICIES: dict[str, Callable[[LayerQK, SparsePrefillConfig, torch.Tensor], Selector]] = {
+    "ours": _ours, "oracle": _oracle, "flexprefill": _flexprefill, "xattention": _xattention}
 
 
 def evaluate_layers(layers: list[LayerQK], config: SparsePrefillConfig, gammas=DEFAULT_GAMMAS,
                     policies=POLICY_NAMES, device=None, log=print) -> dict:
     """Score every policy at every gamma on captured layers. Returns the JSON-ready result dict.
 
-    `config` fixes everything but gamma (block size, budgets, stride, ...); each policy runs on
-    `device` (default: the captured tensors' device, CPU).
+    `config` fixes everything but gamma (block size, budgets, stride, ...); everything runs on
+    `device` (default: where the captured tensors are, the CPU).
     """
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
@@ -189,15 +199,14 @@ def evaluate_layers(layers: list[LayerQK], config: SparsePrefillConfig, gammas=D
     for index, layer in enumerate(layers):
         t0 = time.time()
         q_len, k_len = layer.q.shape[2], layer.k.shape[2]
-        on_device = LayerQK(layer.q.to(device) if device else layer.q, layer.k.to(device) if device else layer.k,
-                            layer.scale)
-        block_mass = exact_block_mass(layer.q, layer.k, bs, layer.scale)
+        on_device = LayerQK(layer.q.to(device), layer.k.to(device), layer.scale) if device else layer
+        block_mass = exact_block_mass(on_device.q, on_device.k, bs, layer.scale)
         for policy in policies:
+            select = POLICIES[policy](on_device, config, block_mass)
             for g in gammas:
-                mask = POLICIES[policy](on_device, config.replace(gamma=g), block_mass)
-                captured, density = score_mask(mask.cpu(), block_mass, q_len, k_len, bs)
-                curves[policy][g]["captured_mass"].append(captured[0].tolist())
-                curves[policy][g]["density"].append(density[0].tolist())
+                captured, density = score_mask(select(g), block_mass, q_len, k_len, bs)
+                curves[policy][g]["captured_mass"].append(captured.mean(0).tolist())
+                curves[policy][g]["density"].append(density.mean(0).tolist())
         log(f"layer {index}: {time.time() - t0:.1f} s")
     result = {"config": {k: getattr(config, k) for k in config.__dataclass_fields__ if k != "gamma"},
               "layers": len(layers), "q_len": layers[0].q.shape[2] if layers else 0, "policies": {}}

@@ -1,0 +1,62 @@
+"""What the selection policy (budget.choose_blocks) and the pooled estimate are for, on inputs built to show it."""
+
+import torch
+
+from sparse_prefill import SparsePrefillConfig
+from sparse_prefill.budget import choose_blocks
+from sparse_prefill.estimate import BlockScores, estimate_block_scores
+
+BS, N_BLOCKS = 64, 12
+CFG = SparsePrefillConfig(block_size=BS, gamma=0.9, min_budget_tokens=0, sink_blocks=1, local_blocks=0)
+
+
+def peaked_rows(n_qb, n_kb, favourite):
+    """Block masses where every row puts 0.95 on one block (or its diagonal, if that is not visible yet)."""
+    mass = torch.full((1, 1, n_qb, n_kb), 0.0)
+    for i in range(n_qb):
+        j = favourite if favourite <= i else i
+        mass[0, 0, i, : i + 1] = 0.05 / (i + 1)
+        mass[0, 0, i, j] += 0.95
+    return mass
+
+
+def test_a_confident_estimate_keeps_few_blocks():
+    mass = peaked_rows(N_BLOCKS, N_BLOCKS, favourite=5)
+    scores = BlockScores(score=mass, mass=mass, heads_per_proxy=1)
+    keep = choose_blocks(scores, mass[:, :, -1], CFG, N_BLOCKS * BS, N_BLOCKS * BS)
+    assert keep[0, 0, -1].sum() == 3  # sink, favourite, diagonal
+    assert keep[0, 0, 8].tolist()[:9] == [True, False, False, False, False, True, False, False, True]
+
+
+def test_an_overconfident_head_is_calibrated_by_its_exact_last_block():
+    estimated = peaked_rows(N_BLOCKS, N_BLOCKS, favourite=5)
+    scores = BlockScores(score=estimated, mass=estimated, heads_per_proxy=1)
+    flat = torch.full((1, 1, N_BLOCKS), 1.0 / N_BLOCKS)  # the head really attends everywhere
+    keep = choose_blocks(scores, flat, CFG, N_BLOCKS * BS, N_BLOCKS * BS)
+    calm = choose_blocks(scores, estimated[:, :, -1], CFG, N_BLOCKS * BS, N_BLOCKS * BS)
+    shortfall = 11 - 3  # exact need of the last row (0.9 of 12 equal blocks) minus the estimate's
+    assert keep[0, 0, -1].sum() >= 11
+    assert (keep.sum(-1) >= torch.minimum(calm.sum(-1) + shortfall, torch.arange(1, N_BLOCKS + 1))).all()
+
+
+def test_the_last_row_keeps_what_its_exact_attention_needs():
+    estimated = peaked_rows(N_BLOCKS, N_BLOCKS, favourite=5)
+    scores = BlockScores(score=estimated, mass=estimated, heads_per_proxy=1)
+    exact = peaked_rows(N_BLOCKS, N_BLOCKS, favourite=2)[:, :, -1]  # the question really reads block 2
+    keep = choose_blocks(scores, exact, CFG, N_BLOCKS * BS, N_BLOCKS * BS)
+    assert keep[0, 0, -1, 2] and not keep[0, 0, -2, 2]
+
+
+def test_pooled_estimate_sees_a_lone_key_that_sampling_would_miss():
+    """One needle key at a position no stride-4 sample lands on; the last queries (a question) look for it."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1024, 32, generator=g) * 0.3
+    k = torch.randn(1, 1, 1024, 32, generator=g) * 0.3
+    topic = torch.randn(32, generator=g)
+    q[0, 0, -64:] += topic
+    needle = 601  # 601 % 4 == 1: sampling the first key of every group of 4 never scores it
+    k[0, 0, needle] = 6 * topic
+    scores = estimate_block_scores(q, k, SparsePrefillConfig(block_size=64, stride=4, proxy_heads="q"))
+    last_row = scores.mass[0, 0, -1]
+    assert last_row.argmax().item() == needle // 64
+    assert last_row[needle // 64] > 0.5
