@@ -40,12 +40,12 @@ class SparsePrefillConfig:
     """
 
     block_size: int = 128
-    gamma: float = 0.95
-    min_budget_tokens: int = 2048
+    gamma: float = 0.9
+    min_budget_tokens: int = 1024
     sink_blocks: int = 1
     local_blocks: int = 1
-    stride: int = 4
-    proxy_heads: str | int = "kv"
+    stride: int = 16
+    proxy_heads: str | int = "q"
     min_seq_len: int | None = None
     backend: str = "auto"
 

@@ -115,7 +115,11 @@ def test_evaluate_layers_json_png_and_cli(tmp_path):
     json.dumps(result)
     recall.plot_recall(result, tmp_path / "recall.png")
     assert (tmp_path / "recall.png").stat().st_size > 10_000
-    assert "oracle" in recall.summary_table(result)
+    table = recall.summary_table(result, target=0.9)
+    assert "oracle" in table and "x the oracle's density at g=0.9" in table
+    points = [{"density": 0.2, "captured_mass": 0.8}, {"density": 0.4, "captured_mass": 1.0}]
+    assert recall.density_at_mass(points, 0.9) == pytest.approx(0.3)
+    assert recall.density_at_mass(points[:1], 0.9) is None
 
     parser = argparse.ArgumentParser()
     recall.add_parser(parser.add_subparsers(dest="command"))

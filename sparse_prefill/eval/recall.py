@@ -14,8 +14,8 @@ layout is then scored by summing M over its kept blocks.
 
 Policies, all producing the same `BlockLayout` the kernel runs:
   ours        select_blocks() with the given config, gamma swept;
-  oracle      per (head, query block) the fewest blocks whose mass reaches g, chosen from M itself:
-              the floor no block-sparse method can beat;
+  oracle      per (head, query block) the fewest blocks whose exact mass reaches g, chosen from M
+              itself: the least any block-sparse method needs to give every row g;
   flexprefill vertical-slash coverage from the last 128 queries (see peer_policies.py);
   xattention  stride-8 antidiagonal scores with a per-row cumulative threshold.
 """
@@ -38,7 +38,7 @@ from ..estimate import estimate_block_scores
 from ..layout import causal_block_limits
 from .peer_policies import flexprefill_lines, flexprefill_select, xattention_block_mass, xattention_select
 
-DEFAULT_GAMMAS = (0.8, 0.9, 0.95, 0.98)
+DEFAULT_GAMMAS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
 POLICY_NAMES = ("ours", "oracle", "flexprefill", "xattention")
 _ROWS_PER_CHUNK = 256
 
@@ -222,13 +222,28 @@ def evaluate_layers(layers: list[LayerQK], config: SparsePrefillConfig, gammas=D
     return result
 
 
-def summary_table(result: dict) -> str:
-    """A text table: one line per policy and gamma."""
+def density_at_mass(points: list[dict], target: float) -> float | None:
+    """Density at which a policy's curve reaches `target` captured mass (linear between gammas), or None."""
+    points = sorted(points, key=lambda p: p["density"])
+    for lo, hi in zip(points, points[1:], strict=False):
+        if lo["captured_mass"] < target <= hi["captured_mass"]:
+            t = (target - lo["captured_mass"]) / (hi["captured_mass"] - lo["captured_mass"])
+            return lo["density"] + t * (hi["density"] - lo["density"])
+    return points[0]["density"] if points and points[0]["captured_mass"] >= target else None
+
+
+def summary_table(result: dict, target: float = 0.95) -> str:
+    """A text table: one line per policy and gamma, then each policy's density at `target` captured mass."""
     lines = [f"{'policy':<12} {'gamma':>6} {'captured':>9} {'density':>8} {'worst head':>10}"]
     for policy, points in result["policies"].items():
         for p in points:
             lines.append(f"{policy:<12} {p['gamma']:>6.3f} {p['captured_mass']:>9.4f} {p['density']:>8.4f} "
                          f"{p['min_head_captured_mass']:>10.4f}")
+    oracle = {p["gamma"]: p["density"] for p in result["policies"].get("oracle", [])}
+    for policy, points in result["policies"].items():
+        d = density_at_mass(points, target)
+        vs = f" = {d / oracle[target]:.2f} x the oracle's density at g={target}" if d and target in oracle else ""
+        lines.append(f"{policy}: captured mass {target} at density " + (f"{d:.4f}{vs}" if d else "not reached"))
     return "\n".join(lines)
 
 
@@ -313,6 +328,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=SparsePrefillConfig.block_size)
     parser.add_argument("--min-budget-tokens", type=int, default=SparsePrefillConfig.min_budget_tokens)
     parser.add_argument("--stride", type=int, default=SparsePrefillConfig.stride)
+    parser.add_argument("--proxy-heads", default=str(SparsePrefillConfig.proxy_heads),
+                        help='"q" (every query head), "kv" (one proxy per KV group) or an int')
     parser.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
     parser.add_argument("--device", default=None, help="where the model and policies run (default: cuda if any)")
     parser.add_argument("--out", default="recall_out", help="folder for recall.json and recall.png")
@@ -323,8 +340,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run_cli(args) -> int:
     from .models import load_model
 
+    proxy_heads = int(args.proxy_heads) if args.proxy_heads.isdigit() else args.proxy_heads
     config = SparsePrefillConfig(block_size=args.block_size, min_budget_tokens=args.min_budget_tokens,
-                                 stride=args.stride, min_seq_len=0)
+                                 stride=args.stride, proxy_heads=proxy_heads, min_seq_len=0)
     gammas = tuple(float(g) for g in args.gammas.split(","))
     policies = tuple(p.strip() for p in args.policies.split(","))
     model, tokenizer = load_model(args.model, device=args.device)
