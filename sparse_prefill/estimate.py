@@ -2,9 +2,9 @@
 
 The estimate is the attention of *pooled* queries over *pooled* keys:
 
-* heads: each query head is scored on its own by default (`proxy_heads="q"`); ProxyAttn-style
-  proxies that average the query heads of a KV group (`"kv"`, or an int) are cheaper but rank
-  poorly for heads unlike their group's average (bench/RESULTS.md, "Block selection");
+* heads: by default (`proxy_heads="kv"`) the query heads of each KV group are averaged into one
+  ProxyAttn-style proxy; `"q"` scores every query head on its own, which ranks better for heads
+  unlike their group's average (bench/RESULTS.md, "Block selection"); an int asks for that many;
 * tokens: each run of `stride` consecutive queries, and of `stride` consecutive keys, is averaged
   into one. Every token takes part, so a lone needle still moves its key group, which sampling
   every `stride`-th token would miss three times in four at stride 4.
