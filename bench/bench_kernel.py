@@ -11,8 +11,8 @@ the bf16 error against the fp32 PyTorch reference (lengths up to --ref-max-len) 
     python bench/bench_kernel.py --sizes 32768 --densities 1,0.1,0.05 --variants default,tma:128x64:w8:s3
     python bench/bench_kernel.py --sizes 8192,32768,65536,131072 --baselines cudnn,flash,flex
 
-Variants: "default" (the wrapper's own choice) or LOADS:BMxBN:wW:sS[:ws] with LOADS in
-pointer/tma/tma_device. Layouts are built on the GPU from block masks (no token masks).
+Variants: "default" (the wrapper's own choice) or LOADS:BMxBN:wW:sS with LOADS in
+pointer/tma. Layouts are built on the GPU from block masks (no token masks).
 Results go to stdout (a short table last) and, as JSON lines, to $OUT/bench_kernel.jsonl when OUT is set.
 """
 
@@ -49,16 +49,13 @@ def log(record: dict) -> None:
 
 
 def parse_variant(spec: str) -> KernelConfig | None:
-    """'default' -> None (the wrapper picks); 'tma:128x64:w8:s3[:ws][:hm]' -> KernelConfig.
-
-    ws = warp specialisation, hm = head-major launch order (a query tile of every head, then the next).
-    """
+    """'default' -> None (the wrapper picks); 'tma:128x64:w8:s3' -> KernelConfig (loads:tile:warps:stages)."""
     if spec == "default":
         return None
     parts = spec.split(":")
     bm, bn = (int(x) for x in parts[1].split("x"))
     return KernelConfig(block_m=bm, block_n=bn, num_warps=int(parts[2][1:]), num_stages=int(parts[3][1:]),
-                        kv_loads=parts[0], warp_specialize="ws" in parts[4:], group_major="hm" not in parts[4:])
+                        kv_loads=parts[0])
 
 
 # -- layouts ---------------------------------------------------------------------------------------------
@@ -315,8 +312,7 @@ def run_size(n, args, device, flex_compiled, deadline):
 
 
 def _describe(c: KernelConfig) -> str:
-    flags = (":ws" if c.warp_specialize else "") + ("" if c.group_major else ":hm")
-    return f"{c.kv_loads}:{c.block_m}x{c.block_n}:w{c.num_warps}:s{c.num_stages}{flags}"
+    return f"{c.kv_loads}:{c.block_m}x{c.block_n}:w{c.num_warps}:s{c.num_stages}"
 
 
 def compiled_resources():

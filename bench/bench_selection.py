@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparse_prefill import SparsePrefillConfig, select_blocks  # noqa: E402
-from sparse_prefill.budget import choose_blocks, last_block_mass, layout_from_scores  # noqa: E402
-from sparse_prefill.estimate import estimate_block_scores  # noqa: E402
-from sparse_prefill.kernels import selection  # noqa: E402
-from sparse_prefill.kernels.selection_policy import choose_blocks_fused  # noqa: E402
+from sparse_prefill import SparsePrefillConfig, select_blocks, selection  # noqa: E402
+from sparse_prefill.selection import fused  # noqa: E402
+from sparse_prefill.selection.budget import choose_blocks, last_block_mass  # noqa: E402
+from sparse_prefill.selection.estimate import estimate_block_scores  # noqa: E402
+from sparse_prefill.selection.fused_policy import choose_blocks_fused  # noqa: E402
 
 SHAPES = {  # name: (query heads, kv heads, head_dim)
     "llama": (32, 8, 128),  # Llama-3.1-8B
@@ -75,18 +75,18 @@ def check_correctness(shape: str, n: int, config: SparsePrefillConfig) -> dict:
     key_range = torch.tensor([[n // 7, n - 3]], device="cuda", dtype=torch.int32)
     out = {}
     for tag, kr in (("", None), ("keyrange_", key_range)):
-        fused = selection.estimate_block_scores_fused(q, k, config, key_range=kr)
+        est = fused.estimate_block_scores_fused(q, k, config, key_range=kr)
         ref = estimate_block_scores(q.float(), k.float(), config, key_range=kr)
-        lm_fused = selection.last_block_mass_fused(q, k, config, key_range=kr)
+        lm_fused = fused.last_block_mass_fused(q, k, config, key_range=kr)
         lm_ref = last_block_mass(q.float(), k.float(), config, key_range=kr)
-        out[tag + "score_max_err"] = (fused.score - ref.score).abs().max().item()
-        out[tag + "mass_max_err"] = (fused.mass - ref.mass).abs().max().item()
+        out[tag + "score_max_err"] = (est.score - ref.score).abs().max().item()
+        out[tag + "mass_max_err"] = (est.mass - ref.mass).abs().max().item()
         out[tag + "last_mass_max_err"] = (lm_fused - lm_ref).abs().max().item()
         mask_fused = selection.select_blocks_fused(q, k, config, key_range=kr).to_mask()
-        mask_ref = layout_from_scores(ref, q.float(), k.float(), config, key_range=kr).to_mask()
+        mask_ref = selection.select_blocks_reference(q.float(), k.float(), config, key_range=kr).to_mask()
         out[tag + "layout_agreement"] = (mask_fused == mask_ref).float().mean().item()
         # The torch policy on the fused numbers must give exactly the fused layout (ties go the same way).
-        same = choose_blocks(fused, lm_fused, config, n, n)
+        same = choose_blocks(est, lm_fused, config, n, n)
         out[tag + "policy_consistent"] = bool(torch.equal(same, mask_fused))
         out[tag + "policy_agreement"] = (same == mask_fused).float().mean().item()
         if kr is None:  # select_blocks on CUDA must dispatch to the fused path
@@ -106,12 +106,12 @@ def check_correctness(shape: str, n: int, config: SparsePrefillConfig) -> dict:
 def selection_stages(q, k, config) -> dict:
     """Closures timing the whole selection and each of its stages on fixed inputs."""
     n = q.shape[2]
-    scores = selection.estimate_block_scores_fused(q, k, config)
-    last = selection.last_block_mass_fused(q, k, config)
+    scores = fused.estimate_block_scores_fused(q, k, config)
+    last = fused.last_block_mass_fused(q, k, config)
     return {
         "total": lambda: selection.select_blocks_fused(q, k, config),
-        "estimate": lambda: selection.estimate_block_scores_fused(q, k, config),
-        "last_block": lambda: selection.last_block_mass_fused(q, k, config),
+        "estimate": lambda: fused.estimate_block_scores_fused(q, k, config),
+        "last_block": lambda: fused.last_block_mass_fused(q, k, config),
         "policy": lambda: choose_blocks_fused(scores, last, config, n, n),
     }
 
@@ -160,7 +160,7 @@ def tile_sweep(shape: str, n: int, variants: list[str], tiles: list[str], gamma:
     """Selection time per kernel launch shape (recompiles per shape); the module defaults are restored."""
     hq, hkv, d = SHAPES[shape]
     q, k = make_qk(hq, hkv, d, n)
-    saved = (selection.TILE_M, selection.TILE_N, selection.NUM_WARPS)
+    saved = (fused.TILE_M, fused.TILE_N, fused.NUM_WARPS)
     rows = []
     try:
         for name in variants:
@@ -168,8 +168,8 @@ def tile_sweep(shape: str, n: int, variants: list[str], tiles: list[str], gamma:
             reference = selection.select_blocks_fused(q, k, config).to_mask()
             for tile in tiles:
                 mn, warps = tile.split("w")
-                selection.TILE_M, selection.TILE_N = map(int, mn.split("x"))
-                selection.NUM_WARPS = int(warps)
+                fused.TILE_M, fused.TILE_N = map(int, mn.split("x"))
+                fused.NUM_WARPS = int(warps)
                 try:
                     stages = selection_stages(q, k, config)
                     same = bool(torch.equal(selection.select_blocks_fused(q, k, config).to_mask(), reference))
@@ -181,7 +181,7 @@ def tile_sweep(shape: str, n: int, variants: list[str], tiles: list[str], gamma:
                 rows.append(dict(shape=shape, n=n, variant=name, tiles=tile, total_ms=total, estimate_ms=est,
                                  same_layout=same))
     finally:
-        selection.TILE_M, selection.TILE_N, selection.NUM_WARPS = saved
+        fused.TILE_M, fused.TILE_N, fused.NUM_WARPS = saved
     return rows
 
 

@@ -1,42 +1,28 @@
-"""sparse_attention(): estimate -> budget -> kernel, the one entry point of the sparse path."""
+"""sparse_attention(): select blocks, then attend to them exactly. The one entry point of the sparse path.
+
+Data flows one way: patches -> attention (here) -> selection (estimate -> budget -> BlockLayout) ->
+kernels (attention over a BlockLayout).
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 
-from .budget import layout_from_scores
-from .config import SparsePrefillConfig
-from .estimate import estimate_block_scores
+from .config import SparsePrefillConfig, as_config
 from .kernels import block_sparse_attention
 from .kernels.reference import check_attention_inputs, check_key_range
 from .layout import BlockLayout
-
-
-def select_blocks(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    config: SparsePrefillConfig | None = None,
-    scale: float | None = None,
-    key_range: torch.Tensor | None = None,
-) -> BlockLayout:
-    """The BlockLayout the sparse path would use for q [B, Hq, Lq, D] over k [B, Hkv, Lk, D]."""
-    config = config or SparsePrefillConfig()
-    if q.is_cuda and config.backend != "torch":  # the fused Triton selection (kernels/selection.py)
-        from .kernels.selection import select_blocks_fused, use_fused_selection
-
-        if use_fused_selection(q, config.backend):
-            return select_blocks_fused(q, k, config, scale=scale, key_range=key_range)
-    scores = estimate_block_scores(q, k, config, scale=scale, key_range=key_range)
-    return layout_from_scores(scores, q, k, config, scale=scale, key_range=key_range)
+from .selection import select_blocks
 
 
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    config: SparsePrefillConfig | None = None,
+    config: SparsePrefillConfig | Mapping | None = None,
     *,
     scale: float | None = None,
     softcap: float | None = None,
@@ -45,10 +31,11 @@ def sparse_attention(
 ):
     """Causal block-sparse attention: choose blocks for q over k, then attend to them exactly.
 
-    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (Hq a multiple of Hkv; the queries are the last Lq
-    positions). Returns the output [B, Hq, Lq, D], and the BlockLayout with `return_layout`.
+    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (heads before length; Hq a multiple of Hkv; the queries are
+    the last Lq positions). `config` is a SparsePrefillConfig or a dict of its fields. Returns the
+    output [B, Hq, Lq, D], and the BlockLayout with `return_layout`.
     """
-    config = config or SparsePrefillConfig()
+    config = as_config(config)
     check_attention_inputs(q, k, v)
     check_key_range(key_range, q)
     if q.shape[2] == 0:  # no query: nothing to select or attend
@@ -57,7 +44,7 @@ def sparse_attention(
         return (q.new_zeros(q.shape), layout) if return_layout else q.new_zeros(q.shape)
     # Under a device_map the current CUDA device is not q's: every launch below must go to q's device.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        layout = select_blocks(q, k, config, scale=scale, key_range=key_range)
+        layout = select_blocks(q, k, config, scale=scale, key_range=key_range, softcap=softcap)
         out = block_sparse_attention(q, k, v, layout, causal=True, scale=scale, softcap=softcap,
                                      key_range=key_range, backend=config.backend)
     return (out, layout) if return_layout else out

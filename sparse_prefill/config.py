@@ -6,6 +6,7 @@ kept blocks cost time and buy accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -32,6 +33,10 @@ class SparsePrefillConfig:
             every trained model).
         local_blocks: key blocks right before each query block's diagonal that are always kept. The
             causal diagonal block(s) themselves are always kept on top of this.
+        exact_tail_tokens: the query blocks holding the last this-many queries attend every causal
+            key block (exact attention). A prompt's question sits there, and the last query alone
+            decides the first answer token; keeping these rows dense costs about
+            exact_tail_tokens / Lq of dense attention. 0 turns it off.
         stride: the estimate averages each run of `stride` consecutive queries, and of keys, into
             one; larger is cheaper (stride^2) and coarser. It must divide `block_size`.
         proxy_heads: "q" estimates every query head on its own; "kv" pools the query heads of each
@@ -49,6 +54,7 @@ class SparsePrefillConfig:
     min_budget_tokens: int = 2048
     sink_blocks: int = 1
     local_blocks: int = 1
+    exact_tail_tokens: int = 256
     stride: int = 4
     proxy_heads: str | int = "kv"
     min_seq_len: int | None = None
@@ -64,7 +70,7 @@ class SparsePrefillConfig:
             fail("block_size", "64 or 128")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0 < self.gamma <= 1:
             fail("gamma", "a number in (0, 1]; 1.0 keeps every causal block")
-        for name in ("min_budget_tokens", "sink_blocks", "local_blocks"):
+        for name in ("min_budget_tokens", "sink_blocks", "local_blocks", "exact_tail_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(name, "an int >= 0")
@@ -95,6 +101,22 @@ class SparsePrefillConfig:
     def replace(self, **changes) -> SparsePrefillConfig:
         """A validated copy with some fields changed."""
         return replace(self, **changes)
+
+
+def as_config(config: SparsePrefillConfig | Mapping | None) -> SparsePrefillConfig:
+    """A SparsePrefillConfig from itself, a mapping of its fields, or None (the defaults)."""
+    if config is None:
+        return SparsePrefillConfig()
+    if isinstance(config, SparsePrefillConfig):
+        return config
+    if isinstance(config, Mapping):
+        unknown = sorted(set(config) - set(SparsePrefillConfig.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown SparsePrefillConfig field(s) {unknown}; the fields are "
+                             f"{sorted(SparsePrefillConfig.__dataclass_fields__)}.")
+        return SparsePrefillConfig(**config)
+    raise TypeError(f"config must be a SparsePrefillConfig, a dict of its fields or None; got {type(config).__name__}.")
+
 
 
 def auto_min_seq_len(config: SparsePrefillConfig) -> int:

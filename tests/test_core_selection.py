@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from sparse_prefill import SparsePrefillConfig, select_blocks
-from sparse_prefill.budget import always_kept, head_budget_fractions
-from sparse_prefill.estimate import estimate_block_scores, num_proxies, pool_proxy_heads
 from sparse_prefill.layout import causal_block_limits
+from sparse_prefill.selection.budget import always_kept, head_budget_fractions
+from sparse_prefill.selection.estimate import estimate_block_scores, num_proxies, pool_proxy_heads
 
 
 def qk(b=1, hq=4, hkv=2, lq=640, lk=640, d=32, seed=0):
@@ -56,7 +56,7 @@ def test_chunking_does_not_change_scores(monkeypatch):
     q, k = qk(lq=512, lk=512)
     cfg = SparsePrefillConfig(block_size=64, stride=2)
     whole = estimate_block_scores(q, k, cfg)
-    import sparse_prefill.estimate as estimate
+    import sparse_prefill.selection.estimate as estimate
 
     monkeypatch.setattr(estimate, "_CHUNK_ELEMENTS", 1)
     chunked = estimate_block_scores(q, k, cfg)
@@ -68,7 +68,7 @@ def test_chunking_does_not_change_scores(monkeypatch):
 def test_layout_invariants(lq, lk, gamma):
     q, k = qk(b=2, hq=4, hkv=2, lq=lq, lk=lk, seed=lq + lk)
     cfg = SparsePrefillConfig(block_size=64, gamma=gamma, min_budget_tokens=128, sink_blocks=1, local_blocks=1,
-                              min_seq_len=0)
+                              min_seq_len=0, exact_tail_tokens=64)
     layout = select_blocks(q, k, cfg)
     mask = layout.to_mask()
     nqb, nkb = mask.shape[-2:]
@@ -116,7 +116,7 @@ def test_estimate_memory_is_not_quadratic():
     code = (
         "import resource, torch\n"
         "from sparse_prefill import SparsePrefillConfig\n"
-        "from sparse_prefill.estimate import estimate_block_scores\n"
+        "from sparse_prefill.selection.estimate import estimate_block_scores\n"
         "q = torch.randn(1, 2, 16384, 16); k = torch.randn(1, 1, 16384, 16)\n"
         "cfg = SparsePrefillConfig(stride=1)\n"
         "estimate_block_scores(q[:, :, :256], k[:, :, :256], cfg)\n"
@@ -128,3 +128,20 @@ def test_estimate_memory_is_not_quadratic():
     grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                env=env).stdout.strip())
     assert grown < 3 * 2**30 // 4, f"estimate grew the process by {grown / 2**20:.0f} MiB"
+
+
+def test_soft_capping_reaches_the_estimate_and_the_exact_last_block():
+    """Gemma 2 caps its logits; coverage must be measured on the capped distribution the kernel computes."""
+    from sparse_prefill.selection.budget import last_block_mass
+
+    torch.manual_seed(4)
+    q, k = torch.randn(1, 2, 256, 16) * 4, torch.randn(1, 1, 256, 16)
+    cfg = SparsePrefillConfig(block_size=64, stride=1, proxy_heads="q", gamma=0.9, min_budget_tokens=0)
+    cap = 1.5
+    logits = cap * torch.tanh((q[:, :, 192:] @ k.transpose(-1, -2)) / 4 / cap)
+    logits = logits.masked_fill(torch.arange(256)[None] > torch.arange(192, 256)[:, None], -float("inf"))
+    want = torch.softmax(logits, -1).mean(2).reshape(1, 2, 4, 64).sum(-1)
+    torch.testing.assert_close(last_block_mass(q, k, cfg, softcap=cap), want, atol=1e-5, rtol=0)
+    assert not torch.allclose(last_block_mass(q, k, cfg), want, atol=1e-2)  # uncapped differs
+    capped = estimate_block_scores(q, k, cfg, softcap=cap).mass[:, :, -1]
+    torch.testing.assert_close(capped, want, atol=1e-5, rtol=0)  # stride 1, per head: the estimate is exact

@@ -43,7 +43,7 @@ def test_every_example_runs_dense_and_sparse_and_is_written_as_json_lines(rows, 
     for r in rows:
         assert 0.0 <= r["score"] <= 1.0 and r["ttft_s"] > 0 and isinstance(r["answer"], str)
     assert not is_patched(tiny[0])  # the runner leaves the model as it found it
-    assert attention.select_blocks.__module__ == "sparse_prefill.attention"  # and unwraps the selection
+    assert attention.select_blocks.__module__ == "sparse_prefill.selection"  # and unwraps the selection
 
 
 def test_sparse_rows_carry_the_density_the_selection_chose_per_layer_and_head(rows):

@@ -20,15 +20,16 @@ from transformers.masking_utils import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from sparse_prefill import SparsePrefillConfig, block_sparse_attention, patch_model, select_blocks
-from sparse_prefill.budget import head_budget_fractions
-from sparse_prefill.estimate import estimate_block_scores
 from sparse_prefill.patches import SparsePrefillWarning
 from sparse_prefill.patches.masks import MaskReading, read_mask
 from sparse_prefill.patches.transformers_attention import _CONFIGS, _register
+from sparse_prefill.selection.budget import head_budget_fractions
+from sparse_prefill.selection.estimate import estimate_block_scores
 
 EXACT = SparsePrefillConfig(block_size=64, gamma=1.0, min_budget_tokens=0, min_seq_len=0)
 # min_seq_len=150: the 70-token row below is attended densely, as it would be alone.
-TIGHT = SparsePrefillConfig(block_size=64, gamma=0.3, min_budget_tokens=0, min_seq_len=150, local_blocks=0)
+TIGHT = SparsePrefillConfig(block_size=64, gamma=0.3, min_budget_tokens=0, min_seq_len=150, local_blocks=0,
+                            exact_tail_tokens=0)  # short test prompts: keep every row sparse
 LENGTHS = (330, 200, 70)
 
 

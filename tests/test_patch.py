@@ -8,9 +8,11 @@ from model_zoo import FAMILIES, tiny_model
 
 from sparse_prefill import SparsePrefillConfig, patch_model, unpatch_model
 from sparse_prefill.patches import is_patched
+from sparse_prefill.patches.transformers_attention import _CONFIGS
 
 EXACT = SparsePrefillConfig(block_size=64, gamma=1.0, min_budget_tokens=0, min_seq_len=0)
-TIGHT = SparsePrefillConfig(block_size=64, gamma=0.3, min_budget_tokens=0, min_seq_len=0, local_blocks=0)
+TIGHT = SparsePrefillConfig(block_size=64, gamma=0.3, min_budget_tokens=0, min_seq_len=0, local_blocks=0,
+                            exact_tail_tokens=0)  # short test prompts: keep every row sparse
 PROMPT = torch.randint(3, 128, (1, 520), generator=torch.Generator().manual_seed(0))
 
 
@@ -61,4 +63,20 @@ def test_models_outside_the_attention_interface_are_refused():
     with pytest.raises(NotImplementedError, match="PreTrainedModel"):
         patch_model(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="SparsePrefillConfig"):
-        patch_model(tiny_model("llama"), {"gamma": 0.9})
+        patch_model(tiny_model("llama"), "gamma=0.9")
+
+
+def test_a_config_may_be_a_dict_of_its_fields_and_bad_fields_are_named():
+    model = patch_model(tiny_model("llama"), {"gamma": 0.9, "block_size": 64})
+    assert _CONFIGS[model.model.layers[0].self_attn] == SparsePrefillConfig(gamma=0.9, block_size=64)
+    with pytest.raises(ValueError, match="unknown SparsePrefillConfig field.*gama"):
+        patch_model(tiny_model("llama"), {"gama": 0.9})
+
+
+@pytest.mark.parametrize("proxy_heads", [3, 8])
+def test_proxy_heads_that_fit_no_layer_are_refused_at_patch_time(proxy_heads):
+    model = tiny_model("llama")  # 4 query heads over 2 KV heads: 3 and 8 proxies fit neither
+    with pytest.raises(ValueError, match=f"proxy_heads.*LlamaAttention.*proxy_heads={proxy_heads}"):
+        patch_model(model, SparsePrefillConfig(proxy_heads=proxy_heads))
+    assert not is_patched(model)
+    patch_model(model, SparsePrefillConfig(proxy_heads=4))  # 4 proxies: one per query head, fits

@@ -19,11 +19,13 @@ from sparse_prefill import (
     sparse_attention,
     unpatch_model,
 )
+from sparse_prefill.notices import forget_warnings
 from sparse_prefill.patches import SparsePrefillWarning
 from sparse_prefill.patches import transformers_attention as glue
 
 EXACT = SparsePrefillConfig(block_size=64, gamma=1.0, min_budget_tokens=0, min_seq_len=0)
-TIGHT = SparsePrefillConfig(block_size=64, gamma=0.3, min_budget_tokens=0, min_seq_len=0, local_blocks=0)
+TIGHT = SparsePrefillConfig(block_size=64, gamma=0.3, min_budget_tokens=0, min_seq_len=0, local_blocks=0,
+                            exact_tail_tokens=0)  # short test prompts: keep every row sparse
 PROMPT = torch.randint(3, 128, (1, 300), generator=torch.Generator().manual_seed(3))
 
 
@@ -172,6 +174,42 @@ def test_dtype_and_head_dim_decide_between_kernel_and_dense(device_type, dtype, 
     assert (got is None) if reason is None else (reason in got and loud)
 
 
+def test_a_triton_too_old_for_the_kernels_goes_dense_with_a_reason(monkeypatch):
+    """Tensor descriptors arrived in Triton 3.4: an older Triton must not crash the first long prefill."""
+    import triton
+
+    from sparse_prefill.kernels import support
+
+    support.triton_version_ok.cache_clear()
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    try:
+        assert not support.triton_version_ok()
+        q = stub("cuda", torch.bfloat16, (1, 4, 4096, 128))
+        kv = stub("cuda", torch.bfloat16, (1, 2, 4096, 128))
+        module = types.SimpleNamespace(is_causal=True, training=False)
+        reason, loud = glue._dense_reason("sdpa", module, q, kv, kv, None, 0.0, {}, EXACT)
+        assert "Triton older than 3.4" in reason and loud
+    finally:
+        monkeypatch.undo()
+        support.triton_version_ok.cache_clear()
+    assert support.triton_version_ok()  # the installed one is new enough
+
+
+def test_transposed_inputs_are_told_the_expected_layout():
+    q, k, v = bad(q=(1, 128, 4, 16), k=(1, 128, 2, 16), v=(1, 128, 2, 16))  # [B, L, H, D] from a projection
+    with pytest.raises(ValueError, match=r"heads before length.*transpose\(1, 2\)"):
+        sparse_attention(q, k, v)
+
+
+def test_sparse_attention_takes_a_dict_config():
+    q, k, v = bad(q=(1, 4, 256, 16), k=(1, 2, 256, 16), v=(1, 2, 256, 16))
+    got = sparse_attention(q, k, v, {"gamma": 0.9, "block_size": 64, "min_budget_tokens": 0})
+    want = sparse_attention(q, k, v, SparsePrefillConfig(gamma=0.9, block_size=64, min_budget_tokens=0))
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="SparsePrefillConfig"):
+        sparse_attention(q, k, v, 0.9)
+
+
 def test_half_precision_models_on_cpu():
     for dtype in (torch.float16, torch.bfloat16):
         model = tiny_model("llama").to(dtype)
@@ -273,7 +311,7 @@ def test_calls_the_sparse_path_cannot_do_exactly_go_dense(kwargs, module_causal,
     g = torch.Generator().manual_seed(11)
     q, k = torch.randn(1, 2, 128, 16, generator=g), torch.randn(1, 2, 128, 16, generator=g)
     v = torch.randn(1, 2, 128, kwargs.pop("value_dim", 16), generator=g)
-    glue._warned.clear()
+    forget_warnings()
     with pytest.warns(SparsePrefillWarning, match=reason):
         out, _ = attention(module, q, k, v, None, scaling=0.25, **kwargs)
     want, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, None, scaling=0.25, **kwargs)

@@ -6,12 +6,12 @@ On CPU the Triton kernels run through the interpreter (conftest.py), in fp32 and
 import pytest
 import torch
 
-from sparse_prefill import BlockLayout, SparsePrefillConfig, select_blocks
-from sparse_prefill.budget import choose_blocks, last_block_mass
-from sparse_prefill.estimate import BlockScores, estimate_block_scores, pool_proxy_heads, pool_tokens
-from sparse_prefill.kernels import selection
-from sparse_prefill.kernels.selection_policy import choose_blocks_fused
+from sparse_prefill import BlockLayout, SparsePrefillConfig, select_blocks, selection
 from sparse_prefill.layout import causal_block_limits
+from sparse_prefill.selection import fused
+from sparse_prefill.selection.budget import choose_blocks, last_block_mass
+from sparse_prefill.selection.estimate import BlockScores, estimate_block_scores, pool_proxy_heads, pool_tokens
+from sparse_prefill.selection.fused_policy import choose_blocks_fused
 
 
 def qk(b=1, hq=4, hkv=2, lq=320, lk=320, d=32, dtype=torch.float32, seed=0):
@@ -37,11 +37,11 @@ def test_fused_estimate_and_last_block_match_reference(case, dtype, atol):
     q, k = qk(b, hq, hkv, lq, lk, dtype=dtype, seed=lq + lk)
     cfg = SparsePrefillConfig(block_size=bs, stride=stride, proxy_heads=proxies)
     ref = estimate_block_scores(q.float(), k.float(), cfg, key_range=key_range)
-    fused = selection.estimate_block_scores_fused(q, k, cfg, key_range=key_range)
-    assert fused.heads_per_proxy == ref.heads_per_proxy
-    torch.testing.assert_close(fused.score, ref.score, atol=atol, rtol=0)
-    torch.testing.assert_close(fused.mass, ref.mass, atol=atol, rtol=0)
-    torch.testing.assert_close(selection.last_block_mass_fused(q, k, cfg, key_range=key_range),
+    got = fused.estimate_block_scores_fused(q, k, cfg, key_range=key_range)
+    assert got.heads_per_proxy == ref.heads_per_proxy
+    torch.testing.assert_close(got.score, ref.score, atol=atol, rtol=0)
+    torch.testing.assert_close(got.mass, ref.mass, atol=atol, rtol=0)
+    torch.testing.assert_close(fused.last_block_mass_fused(q, k, cfg, key_range=key_range),
                                last_block_mass(q.float(), k.float(), cfg, key_range=key_range), atol=atol, rtol=0)
 
 
@@ -54,9 +54,9 @@ def test_fused_selection_gives_the_reference_layout(case, gamma, min_budget_toke
     cfg = SparsePrefillConfig(block_size=bs, stride=stride, proxy_heads=proxies, gamma=gamma,
                               min_budget_tokens=min_budget_tokens)
     ref = select_blocks(q, k, cfg, key_range=key_range)
-    fused = selection.select_blocks_fused(q, k, cfg, key_range=key_range)
-    assert torch.equal(fused.counts, ref.counts) and torch.equal(fused.indices, ref.indices)
-    assert fused.density(lq, lk) == pytest.approx(ref.density(lq, lk))
+    got = selection.select_blocks_fused(q, k, cfg, key_range=key_range)
+    assert torch.equal(got.counts, ref.counts) and torch.equal(got.indices, ref.indices)
+    assert got.density(lq, lk) == pytest.approx(ref.density(lq, lk))
 
 
 def synthetic_scores(b, proxies, lq, lk, bs, sharpness, seed):
@@ -82,16 +82,17 @@ def test_fused_policy_equals_torch_policy_ties_included(lq, lk, bs, sharpness, g
     cfg = SparsePrefillConfig(block_size=bs, gamma=gamma, min_budget_tokens=min_budget_tokens)
     mask = choose_blocks(scores, last, cfg, lq, lk)
     ref = BlockLayout.from_mask(mask.contiguous(), bs, max_count=mask.shape[-1])
-    fused = choose_blocks_fused(scores, last, cfg, lq, lk)
-    assert torch.equal(fused.counts, ref.counts) and torch.equal(fused.indices, ref.indices)
+    got = choose_blocks_fused(scores, last, cfg, lq, lk)
+    assert torch.equal(got.counts, ref.counts) and torch.equal(got.indices, ref.indices)
 
 
-def test_compact_layout_equals_from_mask():
+def test_sort_free_from_mask_equals_sorting_the_kept_blocks():
     g = torch.Generator().manual_seed(3)
     mask = torch.rand(2, 3, 5, 7, generator=g) < 0.4
-    ref = BlockLayout.from_mask(mask, 64, max_count=7)
-    got = selection.compact_layout(mask, 64)
-    assert torch.equal(got.counts, ref.counts) and torch.equal(got.indices, ref.indices)
+    got = BlockLayout.from_mask(mask, 64, max_count=7)
+    keyed = torch.where(mask, torch.arange(7), 7).sort(-1).values  # kept blocks ascending, then the key 7
+    assert torch.equal(got.counts, mask.sum(-1, dtype=torch.int32))
+    assert torch.equal(got.indices, torch.where(keyed == 7, -1, keyed).int())
 
 
 @pytest.mark.parametrize("heads, key_range", [(4, None), (2, None), (1, torch.tensor([[5, 70], [0, 83]]))])
@@ -102,7 +103,7 @@ def test_pooling_kernel_matches_token_then_head_means(heads, key_range):
         tokens = torch.arange(83)[None]
         valid = (tokens >= key_range[:, :1]) & (tokens < key_range[:, 1:])
     expected, _ = pool_proxy_heads(pool_tokens(x, 8, 12, valid), x[:, :1], heads)
-    got = selection.pool_tokens_fused(x, 8, 12, heads, key_range)
+    got = fused.pool_tokens_fused(x, 8, 12, heads, key_range)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
@@ -113,3 +114,30 @@ def test_dispatch_needs_cuda_and_obeys_backend():
     with pytest.raises(ValueError, match="backend='triton' cannot select blocks"):
         selection.use_fused_selection(q, "triton")
     assert "needs CUDA" in selection.fused_selection_supports(q)
+
+
+@pytest.mark.parametrize("d", [80, 96])
+def test_fused_selection_takes_the_kernels_head_dims(d):
+    """head_dim 80/96 (Phi-3 and others) used to fall back silently to the per-KV-head Python loop."""
+    q, k = qk(1, 4, 2, 256, 256, d=d, dtype=torch.float16, seed=d)
+    cfg = SparsePrefillConfig(block_size=64, stride=4, proxy_heads="q", gamma=0.9, min_budget_tokens=0)
+    ref = estimate_block_scores(q.float(), k.float(), cfg)
+    torch.testing.assert_close(fused.estimate_block_scores_fused(q, k, cfg).mass, ref.mass, atol=1e-3, rtol=0)
+    torch.testing.assert_close(fused.last_block_mass_fused(q, k, cfg), last_block_mass(q.float(), k.float(), cfg),
+                               atol=1e-3, rtol=0)
+    assert selection.head_dim_supported(d)
+
+
+@pytest.mark.parametrize("softcap", [2.0, 50.0])
+def test_fused_selection_soft_caps_like_the_reference(softcap):
+    q, k = qk(1, 2, 1, 256, 256, d=64, seed=5)
+    q = q * 3  # logits well past the cap, so capping changes the distribution
+    cfg = SparsePrefillConfig(block_size=64, stride=4, proxy_heads="q", gamma=0.9, min_budget_tokens=0)
+    ref = estimate_block_scores(q, k, cfg, softcap=softcap)
+    torch.testing.assert_close(fused.estimate_block_scores_fused(q, k, cfg, softcap=softcap).mass, ref.mass,
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused.last_block_mass_fused(q, k, cfg, softcap=softcap),
+                               last_block_mass(q, k, cfg, softcap=softcap), atol=1e-5, rtol=0)
+    got = selection.select_blocks_fused(q, k, cfg, softcap=softcap)
+    want = select_blocks(q, k, cfg, softcap=softcap)
+    assert torch.equal(got.to_mask(), want.to_mask())

@@ -3,11 +3,12 @@
 import torch
 
 from sparse_prefill import SparsePrefillConfig
-from sparse_prefill.budget import choose_blocks
-from sparse_prefill.estimate import BlockScores, estimate_block_scores
+from sparse_prefill.selection.budget import choose_blocks
+from sparse_prefill.selection.estimate import BlockScores, estimate_block_scores
 
 BS, N_BLOCKS = 64, 12
-CFG = SparsePrefillConfig(block_size=BS, gamma=0.9, min_budget_tokens=0, sink_blocks=1, local_blocks=0)
+CFG = SparsePrefillConfig(block_size=BS, gamma=0.9, min_budget_tokens=0, sink_blocks=1, local_blocks=0,
+                          exact_tail_tokens=0)  # rules 1-3 alone; the exact tail is tested below
 
 
 def peaked_rows(n_qb, n_kb, favourite):
@@ -60,3 +61,19 @@ def test_pooled_estimate_sees_a_lone_key_that_sampling_would_miss():
     last_row = scores.mass[0, 0, -1]
     assert last_row.argmax().item() == needle // 64
     assert last_row[needle // 64] > 0.5
+
+
+def test_the_exact_tail_keeps_every_causal_block_of_the_last_queries():
+    """The question at the end of a prompt reads a needle the block-averaged estimate may rank low."""
+    mass = peaked_rows(N_BLOCKS, N_BLOCKS, favourite=5)
+    scores = BlockScores(score=mass, mass=mass, heads_per_proxy=1)
+    n = N_BLOCKS * BS
+    for tail, dense_rows in ((0, 0), (1, 1), (BS, 1), (BS + 1, 2), (3 * BS - 10, 3)):
+        keep = choose_blocks(scores, mass[:, :, -1], CFG.replace(exact_tail_tokens=tail), n, n)
+        for i in range(N_BLOCKS):
+            dense = bool(keep[0, 0, i, : i + 1].all())
+            assert dense == (i >= N_BLOCKS - dense_rows) or (dense and i < 3), (tail, i)
+            assert not keep[0, 0, i, i + 1:].any()  # never above the diagonal
+    # A short last block: the tail is counted in queries, so it reaches into the block before.
+    keep = choose_blocks(scores, mass[:, :, -1], CFG.replace(exact_tail_tokens=BS), n - 40, n - 40)
+    assert keep[0, 0, -2, :N_BLOCKS - 1].all() and keep[0, 0, -1].all()

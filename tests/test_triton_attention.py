@@ -143,11 +143,11 @@ def test_transposed_views_keep_their_layout():
 @pytest.mark.parametrize(
     "config",
     [
-        ta.KernelConfig(block_m=64, block_n=32, num_warps=4, kv_loads="pointer", group_major=False),
+        ta.KernelConfig(block_m=64, block_n=32, num_warps=4, kv_loads="pointer"),
         ta.KernelConfig(block_m=128, block_n=64, num_warps=8, kv_loads="tma"),
-        ta.KernelConfig(block_m=64, block_n=128, num_warps=4, kv_loads="tma_device"),
+        ta.KernelConfig(block_m=64, block_n=128, num_warps=4, kv_loads="tma"),
     ],
-    ids=["pointer-64x32-head-major", "tma-128x64", "tma_device-64x128"],
+    ids=["pointer-64x32", "tma-128x64", "tma-64x128"],
 )
 def test_launch_shapes_and_load_paths(config):
     gen = torch.Generator().manual_seed(8)
@@ -162,10 +162,49 @@ def test_reads_only_counted_indices():
     layout = random_layout(1, 2, 3, 3, 0.5, 64, gen, max_count=3)
     slot = torch.arange(3)
     garbage = torch.where(slot < layout.counts[..., None], layout.indices, torch.full_like(layout.indices, 10**6))
-    wide = BlockLayout(layout.counts, garbage, 64, 3)
+    wide = BlockLayout(layout.counts, garbage, 64, 3, canonical=True)  # canonical: the kernel sees it as is
     assert_matches_reference(q, k, v, wide)
     column_major = garbage.transpose(-1, -2).contiguous().transpose(-1, -2)  # last stride != 1
-    assert_matches_reference(q, k, v, BlockLayout(layout.counts, column_major, 64, 3))
+    assert_matches_reference(q, k, v, BlockLayout(layout.counts, column_major, 64, 3, canonical=True))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hand_built_rows_in_any_order_with_repeats_give_the_reference_output(seed):
+    """A row [1, 0] used to run its diagonal block unmasked (non-causal output); rows are sets of blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(1, 2, 1, 256, 256, 64, torch.float16, gen)
+    n = 4
+    causal = torch.arange(n)[None] <= torch.arange(n)[:, None]
+    rows = []
+    for _ in range(2 * n):
+        kept = torch.nonzero(causal[len(rows) % n] & (torch.rand(n, generator=gen) < 0.7)).flatten()
+        kept = torch.cat([kept, kept[torch.randint(len(kept), (2,), generator=gen)]]) if len(kept) else kept
+        rows.append(kept[torch.randperm(len(kept), generator=gen)])  # shuffled, with repeats
+    width = max(len(r) for r in rows) + 1
+    indices = torch.full((2 * n, width), -1, dtype=torch.int32)
+    for i, r in enumerate(rows):
+        indices[i, :len(r)] = r.int()
+    indices[0, -1] = 99  # out of range past a short row's count: ignored
+    counts = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    layout = BlockLayout(counts.reshape(1, 2, n), indices.reshape(1, 2, n, width), 64, n)
+    assert (layout.indices[..., 1:] > layout.indices[..., :-1]).logical_or(layout.indices[..., 1:] == -1).all()
+    sets = BlockLayout.from_mask(torch.zeros(1, 2, n, n, dtype=torch.bool), 64)  # the same rows as sets
+    mask = sets.to_mask()
+    for i, r in enumerate(rows):
+        mask[0, i // n, i % n, r.long()] = True
+    assert torch.equal(layout.to_mask(), mask)
+    out = ta.triton_block_sparse_attention(q, k, v, layout)
+    ref = block_sparse_attention_reference(q, k, v, BlockLayout.from_mask(mask, 64))
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[q.dtype], rtol=TOL[q.dtype])
+
+
+def test_a_reversed_diagonal_row_stays_causal():
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = make_qkv(1, 1, 1, 128, 128, 64, torch.float32, gen)
+    layout = BlockLayout(torch.tensor([[[1, 2]]], dtype=torch.int32), torch.tensor([[[[0, -1], [1, 0]]]],
+                         dtype=torch.int32), 64, 2)
+    causal = block_sparse_attention_reference(q, k, v, None)
+    torch.testing.assert_close(ta.triton_block_sparse_attention(q, k, v, layout), causal, atol=2e-5, rtol=2e-5)
 
 
 def test_unsupported_inputs_raise_value_errors():

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-TINY_PRESET = {"block_size": 64, "min_budget_tokens": 256}
+TINY_PRESET = {"block_size": 64, "min_budget_tokens": 256, "exact_tail_tokens": 64}
 _RANDOM_NOTE = ("note: {name} has random weights, so it cannot retrieve needles (accuracy ~0 in both modes); "
                 "this run checks the pipeline. Pass --model (a HF folder, a .gguf file or a pinned name, see "
                 "`sparse-prefill fetch-model`) for real numbers.")

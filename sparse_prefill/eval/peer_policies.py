@@ -21,9 +21,9 @@ import math
 
 import torch
 
-from ..budget import always_kept, blocks_to_cover
 from ..config import SparsePrefillConfig
 from ..layout import causal_block_limits
+from ..selection.budget import always_kept, blocks_to_cover
 
 
 def _causal_blocks(n_qb: int, n_kb: int, bs: int, lq: int, lk: int, device) -> torch.Tensor:

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from ..budget import choose_blocks, last_block_mass
 from ..config import SparsePrefillConfig
-from ..estimate import estimate_block_scores
 from ..layout import causal_block_limits
+from ..selection.budget import choose_blocks, last_block_mass
+from ..selection.estimate import estimate_block_scores
 from .peer_policies import flexprefill_lines, flexprefill_select, xattention_block_mass, xattention_select
 
 DEFAULT_GAMMAS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
@@ -157,8 +157,8 @@ def _ours(layer: LayerQK, config: SparsePrefillConfig, block_mass: torch.Tensor)
     """`select_blocks`: the estimate and the exact last block do not depend on gamma, so they run once."""
     q, k, q_len, k_len = layer.q, layer.k, layer.q.shape[2], layer.k.shape[2]
     if q.is_cuda:
-        from ..kernels.selection import estimate_block_scores_fused as estimate
-        from ..kernels.selection import last_block_mass_fused as last
+        from ..selection.fused import estimate_block_scores_fused as estimate
+        from ..selection.fused import last_block_mass_fused as last
     else:
         estimate, last, q, k = estimate_block_scores, last_block_mass, q.float(), k.float()
     scores = estimate(q, k, config, scale=layer.scale)

@@ -19,10 +19,10 @@ from contextlib import nullcontext
 
 import torch
 
-from ..attention import select_blocks
 from ..config import SparsePrefillConfig
 from ..kernels import block_sparse_attention
 from ..patches import patch_model, unpatch_model
+from ..selection import select_blocks
 from .recording import ForcedDensity, LayoutRecorder, intercept_layouts, num_layers, random_layout, resample_layers
 from .runner import synchronize
 

@@ -1,7 +1,8 @@
 """Attention over a BlockLayout: the Triton kernel on CUDA, the PyTorch reference elsewhere.
 
 `block_sparse_attention` is the one dispatch point; `backend` picks the implementation:
-"auto" takes Triton for fp16/bf16 CUDA tensors the kernel supports, the reference otherwise.
+"auto" takes Triton for fp16/bf16 CUDA tensors the kernel supports (`support.py`), the reference
+otherwise. This package is the attention mechanism only: it imports nothing of the selection policy.
 """
 
 from __future__ import annotations
@@ -10,22 +11,7 @@ import torch
 
 from ..layout import BlockLayout
 from .reference import block_sparse_attention_reference, check_attention_inputs
-
-TRITON_DTYPES = (torch.float16, torch.bfloat16)
-TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)
-
-
-def triton_supports(q: torch.Tensor, block_size: int) -> str | None:
-    """None when the Triton kernel can run these inputs, else the reason it cannot."""
-    if not q.is_cuda:
-        return f"tensors are on {q.device.type}, the Triton kernel needs CUDA"
-    if q.dtype not in TRITON_DTYPES:
-        return f"dtype {q.dtype} (the Triton kernel takes float16 and bfloat16)"
-    if q.shape[-1] not in TRITON_HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} (the Triton kernel takes {', '.join(map(str, TRITON_HEAD_DIMS))})"
-    if block_size not in (64, 128):
-        return f"block_size {block_size} (the Triton kernel takes 64 and 128)"
-    return None
+from .support import triton_supports
 
 
 def use_triton(q: torch.Tensor, block_size: int, backend: str) -> bool:
@@ -65,3 +51,6 @@ def block_sparse_attention(
                                              softcap=softcap, key_range=key_range)
     return block_sparse_attention_reference(q, k, v, layout, causal=causal, return_lse=return_lse, scale=scale,
                                             softcap=softcap, key_range=key_range)
+
+
+__all__ = ["block_sparse_attention", "triton_supports", "use_triton"]

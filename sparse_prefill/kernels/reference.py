@@ -22,18 +22,26 @@ from ..layout import BlockLayout
 _CHUNK = 1024  # query rows and key columns per step: O(B*H*_CHUNK^2) floats of working memory
 
 
+_LAYOUT_HINT = ("expected q [B, Hq, Lq, D] and k, v [B, Hkv, Lk, D], heads before length (a [B, L, H, D] tensor, "
+                "as a model's projections give it, needs .transpose(1, 2))")
+
+
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise a ValueError naming the problem when q, k, v break the shared conventions."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
+        raise ValueError(f"q, k, v must be 4-D; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}: "
+                         f"{_LAYOUT_HINT}.")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}.")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must share batch and head_dim; got {tuple(q.shape)} and {tuple(k.shape)}.")
+        raise ValueError(f"q and k must share batch and head_dim; got {tuple(q.shape)} and {tuple(k.shape)}: "
+                         f"{_LAYOUT_HINT}.")
     if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}).")
+        raise ValueError(f"query heads (dim 1 of q: {q.shape[1]}) must be a multiple of key/value heads (dim 1 of k: "
+                         f"{k.shape[1]}); got q {tuple(q.shape)}, k {tuple(k.shape)}: {_LAYOUT_HINT}.")
     if q.shape[2] > k.shape[2]:
-        raise ValueError(f"more queries ({q.shape[2]}) than keys ({k.shape[2]}): queries are the last keys' positions.")
+        raise ValueError(f"more queries (dim 2 of q: {q.shape[2]}) than keys (dim 2 of k: {k.shape[2]}): queries are "
+                         f"the last keys' positions; got q {tuple(q.shape)}, k {tuple(k.shape)}: {_LAYOUT_HINT}.")
     if not (q.dtype.is_floating_point and k.dtype.is_floating_point and v.dtype.is_floating_point):
         raise ValueError(f"q, k, v must be floating point; got {q.dtype}, {k.dtype}, {v.dtype}.")
     if not q.device == k.device == v.device:

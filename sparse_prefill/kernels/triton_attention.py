@@ -10,14 +10,14 @@ Same semantics as `reference.block_sparse_attention_reference` (read that first)
   heads of one KV group run side by side, every query tile of one KV head runs before the next KV
   head, and long (late) query tiles start first; the group's heads then read each K/V tile from HBM
   once and from L2 after that, also when the layout scatters blocks.
-* Masking only where needed. The layout's block indices are ascending, so a row splits into
-  positions [lower boundary | fully visible | upper boundary]: the fully visible blocks run through
-  the unmasked loop (`MASKED=False`), the few blocks that straddle the causal diagonal, the end of
-  the keys or the `key_range` bounds run through the masked one (`MASKED=True`). Blocks no row of the
-  tile can see are skipped.
-* K/V tiles come through Hopper's tensor memory accelerator (TMA) when the strides allow it, else
-  through plain pointer loads. `head_dim` is padded in registers to a power of two; TMA's
-  out-of-bounds fill (or load masks) supplies the zeros.
+* Masking only where needed. A BlockLayout's rows are ascending and unique (layout.py makes them
+  so), so a row splits into positions [lower boundary | fully visible | upper boundary]: the fully
+  visible blocks run through the unmasked loop (`MASKED=False`), the few blocks that straddle the
+  causal diagonal, the end of the keys or the `key_range` bounds run through the masked one
+  (`MASKED=True`). Blocks no row of the tile can see are skipped.
+* K/V tiles come through Hopper's tensor memory accelerator (TMA, host-built tensor descriptors,
+  Triton >= 3.4) when the strides allow it, else through plain pointer loads. `head_dim` is padded
+  in registers to a power of two; TMA's out-of-bounds fill (or load masks) supplies the zeros.
 
 No host synchronisation: counts and indices are read on the device, and the layout's `indices` may
 be wider than the rows' counts (only `counts[b, h, i]` entries of row i are read).
@@ -35,12 +35,11 @@ import triton.language as tl
 
 from ..layout import BlockLayout
 from .reference import check_attention_inputs
+from .support import TRITON_BLOCK_SIZES, TRITON_DTYPES, TRITON_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float32: tests and debugging only (slow)
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
-SUPPORTED_BLOCK_SIZES = (64, 128)
-KV_LOADS = ("pointer", "tma", "tma_device")
+KERNEL_DTYPES = (*TRITON_DTYPES, torch.float32)  # float32: tests and debugging only (slow)
+KV_LOADS = ("pointer", "tma")
 
 
 @dataclass(frozen=True)
@@ -51,10 +50,10 @@ class KernelConfig:
     block_n: keys per inner step; divides the layout's block size.
     num_stages: software-pipelining depth of the K/V loads (the index-reading loop gets two more, see
         the kernel); num_warps as in Triton.
-    kv_loads: "pointer" (plain loads), "tma" (host-built tensor descriptors, Hopper), or
-        "tma_device" (descriptors built in the kernel; needs `triton.set_allocator`).
-    warp_specialize: ask Triton to split loads and math into separate warps (Hopper/Blackwell).
-    group_major: launch order; True runs all query tiles of one KV head before the next KV head.
+    kv_loads: "pointer" (plain loads) or "tma" (host-built tensor descriptors, Hopper).
+
+    Measured and dropped (bench/NOTES_kernel.md): descriptors built in the kernel, Triton's warp
+    specialisation of this loop, and a head-major launch order; each was slower.
     """
 
     block_m: int = 128
@@ -62,8 +61,6 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     kv_loads: str = "pointer"
-    warp_specialize: bool = False
-    group_major: bool = True
 
 
 def default_config(head_dim: int, block_size: int, q: torch.Tensor) -> KernelConfig:
@@ -86,15 +83,6 @@ def default_config(head_dim: int, block_size: int, q: torch.Tensor) -> KernelCon
 @triton.jit
 def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def _as_descriptor(desc_or_ptr, shape, strides, block_shape):
-    """A host-built tensor descriptor as is, or one built here from a pointer ("tma_device")."""
-    if isinstance(desc_or_ptr, tl.tensor_descriptor):
-        return desc_or_ptr
-    else:
-        return tl.make_tensor_descriptor(desc_or_ptr, shape, strides, block_shape)
 
 
 @triton.jit
@@ -133,7 +121,7 @@ def _attend_tiles(
     qk_scale, softcap_log2, softcap_arg,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     DENSE: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    KV_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    KV_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
     """The online-softmax core: fold key tiles [tile_lo, tile_hi) of the row into (acc, l_i, m_i).
 
@@ -143,7 +131,7 @@ def _attend_tiles(
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    for tile in tl.range(tile_lo, tile_hi, num_stages=STAGES, warp_specialize=WARP_SPECIALIZE):
+    for tile in tl.range(tile_lo, tile_hi, num_stages=STAGES):
         # -- which keys: the tile's first key from the layout row ----------------------------------
         if DENSE:
             n0 = tile * BLOCK_N
@@ -198,34 +186,29 @@ def _block_sparse_attention_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_cb, stride_ch, stride_cq,
     stride_ib, stride_ih, stride_iq,
-    batch, q_heads, kv_heads, q_len, k_len, n_q_tiles, index_width,
+    q_heads, kv_heads, q_len, k_len, n_q_tiles, index_width,
     qk_scale, softcap_log2, softcap_arg,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_RANGE: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, KV_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, COUNT_CHUNK: tl.constexpr, GROUP_MAJOR: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, KV_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, COUNT_CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
+    """One (batch, query head, query tile): prologue (which keys), three calls of the online-softmax
+    core (lower boundary, unmasked, upper boundary), epilogue. Long because it is one program's whole
+    life; each phase is labelled, and the per-tile work lives in `_attend_tiles`."""
     # -- which (batch, head, query tile). The heads of one KV group are always neighbours (they read the
-    # same K/V, so it is fetched once and served from L2), and late query tiles, the longest under
-    # causal masking, start first. GROUP_MAJOR runs every tile of one (batch, KV head) before the next,
-    # which keeps that head's K/V in L2 when the layout scatters blocks; otherwise a query tile of all
-    # heads runs before the next tile.
+    # same K/V, so it is fetched once and served from L2), every tile of one (batch, KV head) runs before
+    # the next, which keeps that head's K/V in L2 when the layout scatters blocks, and late query tiles,
+    # the longest under causal masking, start first.
     pid = tl.program_id(0)
     group = q_heads // kv_heads
-    if GROUP_MAJOR:
-        per_kv_head = n_q_tiles * group
-        bkv = pid // per_kv_head
-        rest = pid % per_kv_head
-        q_tile = n_q_tiles - 1 - rest // group
-        b = bkv // kv_heads
-        kv_head = bkv % kv_heads
-        h = kv_head * group + rest % group
-    else:
-        bh = pid % (batch * q_heads)
-        q_tile = n_q_tiles - 1 - pid // (batch * q_heads)
-        b = bh // q_heads
-        h = bh % q_heads
-        kv_head = h // group
+    per_kv_head = n_q_tiles * group
+    bkv = pid // per_kv_head
+    rest = pid % per_kv_head
+    q_tile = n_q_tiles - 1 - rest // group
+    b = bkv // kv_heads
+    kv_head = bkv % kv_heads
+    h = kv_head * group + rest % group
     q_offset = k_len - q_len
     row0 = q_tile * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -279,12 +262,6 @@ def _block_sparse_attention_kernel(
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     k_head = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_head = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    if KV_TMA:
-        k_desc = _as_descriptor(k_desc, [batch, kv_heads, k_len, HEAD_DIM], [stride_kb, stride_kh, stride_kn, 1],
-                                [1, 1, BLOCK_N, BLOCK_D])
-        v_desc = _as_descriptor(v_desc, [batch, kv_heads, k_len, HEAD_DIM], [stride_vb, stride_vh, stride_vn, 1],
-                                [1, 1, BLOCK_N, BLOCK_D])
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -293,20 +270,18 @@ def _block_sparse_attention_kernel(
             acc, l_i, m_i, q, rows_pos, k_head, v_head, k_desc, v_desc, b, kv_head,
             stride_kn, stride_kd, stride_vn, stride_vd, idx_row, skip_lo * TILES, full_lo_pos * TILES,
             key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
-            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, False, DOT_PRECISION,
+            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, DOT_PRECISION,
             MASKED_STAGES)
     acc, l_i, m_i = _attend_tiles(  # fully visible blocks: no mask
         acc, l_i, m_i, q, rows_pos, k_head, v_head, k_desc, v_desc, b, kv_head,
         stride_kn, stride_kd, stride_vn, stride_vd, idx_row, full_lo_pos * TILES, full_hi_pos * TILES,
         key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, False, HAS_SOFTCAP, KV_TMA, WARP_SPECIALIZE,
-        DOT_PRECISION, FULL_STAGES)
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, False, HAS_SOFTCAP, KV_TMA, DOT_PRECISION, FULL_STAGES)
     acc, l_i, m_i = _attend_tiles(  # the diagonal and the end of the keys
         acc, l_i, m_i, q, rows_pos, k_head, v_head, k_desc, v_desc, b, kv_head,
         stride_kn, stride_kd, stride_vn, stride_vd, idx_row, full_hi_pos * TILES, vis_hi_pos * TILES,
         key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, False, DOT_PRECISION,
-        MASKED_STAGES)
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, DOT_PRECISION, MASKED_STAGES)
 
     # -- epilogue: rows that saw no key get 0 and lse -inf ------------------------------------------------
     seen = l_i > 0.0
@@ -327,13 +302,13 @@ def _block_sparse_attention_kernel(
 def _check_kernel_inputs(q, k, v, layout, key_range, scale, softcap, block_size) -> None:
     """Raise a ValueError naming what this kernel cannot run (the dispatcher falls back on those)."""
     check_attention_inputs(q, k, v)
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"the Triton kernel takes float16/bfloat16 q, k, v of one dtype; got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}. Cast them, or use backend='torch'.")
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"the Triton kernel takes head_dim in {SUPPORTED_HEAD_DIMS}; got {q.shape[-1]}. "
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        raise ValueError(f"the Triton kernel takes head_dim in {TRITON_HEAD_DIMS}; got {q.shape[-1]}. "
                          "Use backend='torch'.")
-    if block_size not in SUPPORTED_BLOCK_SIZES:
+    if block_size not in TRITON_BLOCK_SIZES:
         raise ValueError(f"the Triton kernel takes block_size 64 or 128; got {block_size}. Use backend='torch'.")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}.")
@@ -451,19 +426,16 @@ def triton_block_sparse_attention(
     grid = (n_q_tiles * batch * q_heads,)
     device_context = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with device_context:
-        if config.kv_loads == "tma_device":
-            triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
         _block_sparse_attention_kernel[grid](
             q, k, v, out, lse, key_range_arg, counts, indices, k_desc, v_desc,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *count_strides, *index_strides,
-            batch, q_heads, kv_heads, q_len, k_len, n_q_tiles, indices.shape[-1] if layout is not None else 0,
+            q_heads, kv_heads, q_len, k_len, n_q_tiles, indices.shape[-1] if layout is not None else 0,
             scale * LOG2E, softcap_log2, softcap_arg,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             BLOCK_SIZE=block_size, DENSE=layout is None, CAUSAL=bool(causal), HAS_KEY_RANGE=key_range is not None,
-            HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse, KV_TMA=config.kv_loads != "pointer",
-            WARP_SPECIALIZE=config.warp_specialize,
+            HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse, KV_TMA=config.kv_loads == "tma",
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            COUNT_CHUNK=128, GROUP_MAJOR=config.group_major, NUM_STAGES=config.num_stages,
+            COUNT_CHUNK=128, NUM_STAGES=config.num_stages,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return (out, lse) if return_lse else out

@@ -15,7 +15,6 @@ decision to take it depends on shapes only, so decode steps trace straight throu
 from __future__ import annotations
 
 import sys
-import warnings
 import weakref
 from collections.abc import Callable
 
@@ -25,8 +24,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..attention import sparse_attention
-from ..config import SparsePrefillConfig
+from ..config import SparsePrefillConfig, as_config
 from ..kernels import triton_supports
+from ..notices import forget_warnings, warn_once
+from ..selection.estimate import num_proxies
 from .masks import MaskReading, read_mask
 from .padded_rows import attend_rows_alone, too_short_for_sparse
 
@@ -39,21 +40,14 @@ PREFIX = "sparse_prefill:"
 _SUPPORTED_PREVIOUS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
-class SparsePrefillWarning(UserWarning):
-    """A call went to dense attention for a reason the user may want to know (said once per reason)."""
-
-
 # Per attention module: the config it runs with. Weak keys: a deleted model leaves nothing behind.
 _CONFIGS: weakref.WeakKeyDictionary[torch.nn.Module, SparsePrefillConfig] = weakref.WeakKeyDictionary()
 # Per model: the implementation to restore on unpatch.
 _PREVIOUS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
-_warned: set[str] = set()
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"sparse_prefill: dense attention used for {reason}.", SparsePrefillWarning, stacklevel=3)
+    warn_once(f"sparse_prefill: dense attention used for {reason}.", stacklevel=3)
 
 
 def _previous_attention(previous: str, module: torch.nn.Module) -> Callable:
@@ -178,9 +172,7 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
     exactly run the model's previous attention implementation unchanged. Patching again only
     replaces the config. Returns the model.
     """
-    config = config or SparsePrefillConfig()
-    if not isinstance(config, SparsePrefillConfig):
-        raise TypeError(f"config must be a SparsePrefillConfig, got {type(config).__name__}.")
+    config = as_config(config)
     model_config = getattr(model, "config", None)
     if model_config is None or not hasattr(model, "set_attn_implementation"):
         raise NotImplementedError(
@@ -197,6 +189,8 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
         raise NotImplementedError(
             f"{type(model).__name__} has no causal self-attention layer; sparse prefill is for causal LMs.")
 
+    _check_heads(attention_modules, model_config, config)
+
     previous = _PREVIOUS.get(model, model_config._attn_implementation)
     if previous not in _SUPPORTED_PREVIOUS:
         raise ValueError(
@@ -206,8 +200,33 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
     _PREVIOUS[model] = previous
     for module in model.modules():
         _CONFIGS[module] = config
-    _warned.clear()
+    forget_warnings()
     return model
+
+
+def _head_counts(module: torch.nn.Module, model_config) -> tuple[int, int] | None:
+    """(query heads, KV heads) of one attention module, from its projections or the model config."""
+    q_proj, k_proj = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
+    head_dim = getattr(module, "head_dim", None)
+    if head_dim and isinstance(q_proj, torch.nn.Linear) and isinstance(k_proj, torch.nn.Linear):
+        return q_proj.out_features // head_dim, k_proj.out_features // head_dim
+    text = getattr(model_config, "text_config", None) or model_config
+    hq = getattr(text, "num_attention_heads", None)
+    if not hq:
+        return None
+    return hq, getattr(text, "num_key_value_heads", None) or hq
+
+
+def _check_heads(attention_modules, model_config, config: SparsePrefillConfig) -> None:
+    """Refuse a `proxy_heads` that no layer's head counts fit, now rather than at the first long forward."""
+    for module in attention_modules:
+        counts = _head_counts(module, model_config)
+        if counts is not None:
+            try:
+                num_proxies(*counts, config.proxy_heads)
+            except ValueError as err:
+                name = type(module).__name__
+                raise ValueError(f"SparsePrefillConfig.proxy_heads does not fit {name}: {err}") from None
 
 
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -12,13 +12,17 @@ Policy (each row is one (head, query block)); `choose_blocks` applies it, on any
 3. *Always kept.* Sink blocks, `local_blocks` before the diagonal, the diagonal, and at least
    `min_budget_tokens` worth of blocks (the top-ranked ones). Never a block above the causal
    diagonal. `gamma >= 1` keeps every causal block.
+4. *Exact tail.* The query blocks that hold the last `exact_tail_tokens` queries keep every causal
+   block. The question of a prompt sits there and the last query decides the first answer token;
+   an estimate averaged over a block's rows can rank a needle the question reads below the
+   coverage threshold (bench/RESULTS.md, "Selection that keeps dense's answers").
 
 On real models (bench/RESULTS.md, "Block selection"), fed per-head estimates (`proxy_heads="q"`),
 this keeps a captured attention mass of 0.95 at about the density of the per-row oracle; fed one
 shared ranking per KV group it needs markedly more blocks and leaves some heads far below 0.95.
 
-Mechanism: `last_block_mass` (the exact attention of rule 2) is here in plain PyTorch; the GPU path
-computes it, and the estimate, with the Triton kernels of `kernels/selection.py`.
+This module is the plain-PyTorch specification of the policy and of `last_block_mass` (the exact
+attention of rule 2); `fused.py` and `fused_policy.py` compute the same with Triton kernels.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import math
 
 import torch
 
-from .config import SparsePrefillConfig
-from .estimate import BlockScores
-from .layout import BlockLayout, causal_block_limits, diagonal_first_block
+from ..config import SparsePrefillConfig
+from ..layout import causal_block_limits, diagonal_first_block
+from .estimate import BlockScores, soft_cap
 
 
 def last_block_mass(
@@ -38,6 +42,7 @@ def last_block_mass(
     config: SparsePrefillConfig,
     scale: float | None = None,
     key_range: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Each query head's exact attention from its last query block, summed per key block and averaged
     over that block's queries: fp32 [B, Hq, n_k_blocks] (rows sum to 1, or 0 if no key is visible)."""
@@ -56,7 +61,7 @@ def last_block_mass(
     mass = torch.empty(b, hq, n_kb, device=q.device)
     for h in range(hkv):  # one KV group at a time bounds memory to [B, G, bs, Lk]
         qh = q[:, h * group:(h + 1) * group, first:].float() * scale
-        s = (qh @ k[:, h:h + 1].float().transpose(-1, -2)).masked_fill(~allowed, -math.inf)
+        s = soft_cap(qh @ k[:, h:h + 1].float().transpose(-1, -2), softcap).masked_fill(~allowed, -math.inf)
         probs = torch.softmax(s, dim=-1).nan_to_num(0.0).mean(2)  # [B, G, Lk]
         mass[:, h * group:(h + 1) * group] = (
             torch.nn.functional.pad(probs, (0, n_kb * bs - lk)).reshape(b, group, n_kb, bs).sum(-1))
@@ -97,6 +102,13 @@ def always_kept(n_q_blocks: int, n_k_blocks: int, q_len: int, k_len: int, config
     local = cols >= (first_diag - config.local_blocks)[:, None]
     sink = cols < config.sink_blocks
     return (sink | local) & causal
+
+
+def exact_tail_start(n_q_blocks: int, q_len: int, config: SparsePrefillConfig) -> int:
+    """Rule 4: the first query block of the exact tail (n_q_blocks when there is none)."""
+    if config.exact_tail_tokens <= 0:
+        return n_q_blocks
+    return max(q_len - config.exact_tail_tokens, 0) // config.block_size
 
 
 def _ranks(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,18 +154,7 @@ def choose_blocks(scores: BlockScores, last_mass: torch.Tensor, config: SparsePr
     mask = (rank[:, proxy_of_head] < budget[..., None]) & causal
     last_floor = torch.minimum(torch.maximum(exact_need, floor[-1]), limits[-1])
     mask[:, :, -1] |= (last_rank < last_floor[..., None]) & causal[-1]
+
+    # Rule 4.
+    mask[:, :, exact_tail_start(n_qb, q_len, config):] = causal[exact_tail_start(n_qb, q_len, config):]
     return mask
-
-
-def layout_from_scores(
-    scores: BlockScores,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    config: SparsePrefillConfig,
-    scale: float | None = None,
-    key_range: torch.Tensor | None = None,
-) -> BlockLayout:
-    """Apply the policy to the estimate of q [B, Hq, Lq, D] over k [B, Hkv, Lk, D] (reference path)."""
-    last_mass = last_block_mass(q, k, config, scale, key_range)
-    mask = choose_blocks(scores, last_mass, config, q.shape[2], k.shape[2])
-    return BlockLayout.from_mask(mask.contiguous(), config.block_size, max_count=mask.shape[-1])

@@ -1,4 +1,5 @@
-"""The block-selection policy of `budget.choose_blocks` as two Triton kernels that write the BlockLayout.
+"""The fused selection, part 2: the policy of `budget.choose_blocks` as two Triton kernels that write the
+BlockLayout.
 
 In torch the policy sorts every row of block scores and then compacts a [B, H, Qb, Kb] mask: a dozen
 launches over tensors of that size. Here one program handles one row (one head, one query block) in
@@ -20,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..estimate import BlockScores
 from ..layout import BlockLayout
+from .budget import exact_tail_start
+from .estimate import BlockScores
 
 
 @triton.jit
@@ -114,9 +116,9 @@ def _calibrate_heads_kernel(
 def _choose_rows_kernel(
     mass_ptr, last_mass_ptr, shortfall_ptr, exact_need_ptr, counts_ptr, indices_ptr,
     n_heads, heads_per_proxy, n_proxies, n_q_blocks, n_k_blocks, q_len, k_len, gamma, sink, local, min_blocks,
-    BLOCK: tl.constexpr, NKB: tl.constexpr,
+    tail_start, BLOCK: tl.constexpr, NKB: tl.constexpr,
 ):
-    """Rules 1-3 for one (head, query block) row, written as a compressed layout row."""
+    """Rules 1-4 for one (head, query block) row, written as a compressed layout row."""
     pid_bh, i = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     cols = tl.arange(0, NKB)
@@ -134,6 +136,8 @@ def _choose_rows_kernel(
         exact = tl.load(last_mass_ptr + pid_bh * n_k_blocks + cols, mask=in_row, other=0.0)
         last_budget = tl.minimum(tl.maximum(tl.load(exact_need_ptr + pid_bh), floor), limit)
         keep = keep | _top(exact, eligible, last_budget - n_forced)
+    if i >= tail_start:  # the exact tail keeps every causal block
+        keep = causal
     count = tl.sum(keep.to(tl.int32))
     slot = tl.cumsum(keep.to(tl.int32), 0) - 1
     row = (pid_bh * n_q_blocks + i) * n_k_blocks
@@ -160,6 +164,7 @@ def choose_blocks_fused(scores: BlockScores, last_mass: torch.Tensor, config, q_
     counts = torch.empty(b, hq, n_qb, dtype=torch.int32, device=device)
     indices = torch.empty(b, hq, n_qb, n_kb, dtype=torch.int32, device=device)
     _choose_rows_kernel[(b * hq, n_qb)](mass, last_mass, shortfall, exact_need, counts, indices, *geometry,
-                                        config.min_budget_blocks, BLOCK=config.block_size, NKB=nkb_pow2,
+                                        config.min_budget_blocks, exact_tail_start(n_qb, q_len, config),
+                                        BLOCK=config.block_size, NKB=nkb_pow2,
                                         num_warps=warps)
-    return BlockLayout(counts, indices, config.block_size, n_kb)
+    return BlockLayout(counts, indices, config.block_size, n_kb, canonical=True)

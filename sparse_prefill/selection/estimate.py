@@ -10,8 +10,9 @@ The estimate is the attention of *pooled* queries over *pooled* keys:
   every `stride`-th token would miss three times in four at stride 4.
 
 The causal softmax of the pooled queries over the pooled keys is pooled to (query block, key block)
-cells. This module is the plain-PyTorch specification; it works in chunks of query blocks so memory
-stays O(N * chunk), never N x N. `kernels/selection.py` computes the same on the GPU.
+cells. Soft-capped attention (Gemma 2) caps the pooled logits the same way. This module is the
+plain-PyTorch specification; it works in chunks of query blocks so memory stays O(N * chunk), never
+N x N. `fused.py` computes the same on the GPU.
 
 Pooled positions: query group i (rows [i*s, (i+1)*s)) sits at its last real row; key group j sits at
 its first valid key; a key group is visible to a query group when that key is not after that row.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SparsePrefillConfig
+from ..config import SparsePrefillConfig
 
 _CHUNK_ELEMENTS = 1 << 25  # pooled scores per chunk (x4 bytes): bounds working memory
 
@@ -58,6 +59,11 @@ def num_proxies(num_q_heads: int, num_kv_heads: int, proxy_heads: str | int) -> 
             f"{num_q_heads}."
         )
     return p
+
+
+def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """`softcap * tanh(logits / softcap)`, the logit cap of Gemma 2's attention (None: unchanged)."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def pool_proxy_heads(q: torch.Tensor, k: torch.Tensor, proxies: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +125,7 @@ def estimate_block_scores(
     config: SparsePrefillConfig,
     scale: float | None = None,
     key_range: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> BlockScores:
     """Pooled-query over pooled-key attention, pooled to blocks. q [B, Hq, Lq, D], k [B, Hkv, Lk, D]."""
     b, hq, lq, d = q.shape
@@ -149,7 +156,7 @@ def estimate_block_scores(
     for qb0 in range(0, n_qb, blocks_per_chunk):
         qb1 = min(qb0 + blocks_per_chunk, n_qb)
         rows = slice(qb0 * per_block, qb1 * per_block)
-        s = q_p[:, :, rows] @ k_p.transpose(-1, -2)  # [B, P, R, C]
+        s = soft_cap(q_p[:, :, rows] @ k_p.transpose(-1, -2), softcap)  # [B, P, R, C]
         allowed = col_pos[:, None, :] <= row_pos[rows, None]  # [B or 1, R, C]
         s = s.masked_fill(~allowed[:, None], -math.inf)
         probs = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows that see no key -> all zero

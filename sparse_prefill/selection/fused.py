@@ -1,4 +1,4 @@
-"""Block selection on the GPU: the estimate and the exact last-block attention as Triton kernels.
+"""The fused selection, part 1: the estimate and the exact last-block attention as Triton kernels.
 
 Both are a causal softmax of some query rows over some key rows, pooled into (query block, key
 block) cells. A softmax needs each row's max and sum over all its keys before any probability can
@@ -12,11 +12,13 @@ both streaming key tiles past a query tile held in registers (flash-attention st
 
 The key axis is cut into slices (`splits`) so that short query sets, such as each head's last query
 block, still fill the GPU. The two kernels serve both uses:
-  * the estimate (`estimate.py`): rows and keys are runs of `stride` tokens averaged in torch
-    beforehand (one read of q and k), per query head or per proxy head;
+  * the estimate (`estimate.py`): rows and keys are runs of `stride` tokens averaged beforehand by
+    `_pool_tokens_kernel` (one read of q and k), per query head or per proxy head;
   * each head's exact last-block attention (`budget.last_block_mass`): stride 1, q and k as they are.
 
-The policy (`budget.choose_blocks`) then runs in torch on the block-level tensors. Nothing here
+Logits are soft-capped (`softcap * tanh(logit / softcap)`, Gemma 2) when the attention is, so coverage
+is measured on the distribution the attention kernel computes. Any head_dim is padded in registers
+to a power of two. The policy then runs on the block-level tensors (`fused_policy.py`). Nothing here
 synchronises with the host or loops over heads or blocks in Python; memory is O(tokens + blocks^2).
 """
 
@@ -29,10 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..budget import choose_blocks
-from ..estimate import BlockScores, num_proxies
-from ..layout import BlockLayout
-from .selection_policy import choose_blocks_fused
+from .estimate import BlockScores, num_proxies
 
 _LOG2E = 1.4426950408889634
 TILE_M = 64  # pooled query rows per program tile
@@ -42,26 +41,36 @@ POOL_GROUPS = 32  # pooled groups per program of the pooling kernel
 
 
 @triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
 def _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, b, k_head, col0, n_cols, k_len, row_pos, key_start, key_end,
-                 offs_n, offs_d, COL_STRIDE: tl.constexpr):
+                 offs_n, offs_d, softcap_log2, COL_STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr):
     """Log2-domain logits of a query tile against one tile of pooled keys, -inf where not visible.
 
-    Key group c sits at its first valid key; it is visible to rows at or after that key.
+    Key group c sits at its first valid key; it is visible to rows at or after that key. In log2 units
+    the soft cap c reads `c' * tanh(s / c')` with c' = c * log2(e).
     """
     cols = col0 + offs_n
     start = cols * COL_STRIDE
     col_pos = tl.maximum(start, key_start)
     col_ok = (cols < n_cols) & (col_pos < tl.minimum(start + COL_STRIDE, key_end))
     k_ptrs = k_ptr + b * sk_b + k_head * sk_h + cols[:, None] * sk_l + offs_d[None, :]
-    k_tile = tl.load(k_ptrs, mask=(cols < n_cols)[:, None], other=0.0)
+    k_tile = tl.load(k_ptrs, mask=(cols < n_cols)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     s = tl.dot(q_tile, tl.trans(k_tile)).to(tl.float32)
+    if HAS_SOFTCAP:
+        s = softcap_log2 * _tanh(s / softcap_log2)
     visible = col_ok[None, :] & (col_pos[None, :] <= row_pos[:, None])
     return tl.where(visible, s, float("-inf"))
 
 
 @triton.jit
 def _program_setup(q_ptr, sq_b, sq_h, sq_l, key_range_ptr, pid_rows, pid_bh, n_heads, kv_heads, n_rows, q_len,
-                   k_len, row0, scale_log2, offs_m, offs_d, ROW_STRIDE: tl.constexpr, HAS_KEY_RANGE: tl.constexpr):
+                   k_len, row0, scale_log2, offs_m, offs_d, ROW_STRIDE: tl.constexpr, HAS_KEY_RANGE: tl.constexpr,
+                   HEAD_DIM: tl.constexpr):
     """A program's rows (index, position, real flag), its key head, key range and scaled query tile.
 
     Row r pools query rows [row0 + r*ROW_STRIDE, +ROW_STRIDE) and sits at the last real one.
@@ -79,7 +88,7 @@ def _program_setup(q_ptr, sq_b, sq_h, sq_l, key_range_ptr, pid_rows, pid_bh, n_h
         key_start = 0
         key_end = k_len
     q_ptrs = q_ptr + b * sq_b + head * sq_h + rows[:, None] * sq_l + offs_d[None, :]
-    q_tile = tl.load(q_ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+    q_tile = tl.load(q_ptrs, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     q_tile = (q_tile.to(tl.float32) * scale_log2).to(q_ptr.dtype.element_ty)
     return b, head * kv_heads // n_heads, rows, real, row_pos, key_start, key_end, q_tile
 
@@ -98,23 +107,24 @@ def _key_tile_range(row_pos, pid_split, n_cols, TILES_PER_SPLIT: tl.constexpr, C
 def _row_stats_kernel(
     q_ptr, k_ptr, key_range_ptr, m_ptr, l_ptr,
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
-    n_heads, kv_heads, n_rows, n_cols, q_len, k_len, row0, n_splits, scale_log2,
+    n_heads, kv_heads, n_rows, n_cols, q_len, k_len, row0, n_splits, scale_log2, softcap_log2,
     ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
-    HAS_KEY_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+    HAS_KEY_RANGE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_N: tl.constexpr,
 ):
     """Pass 1: per row, the max and the sum of exp2 over this split's visible keys -> m, l [B*H, splits, rows]."""
     pid_rows = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) rows first
     pid_bh, pid_split = tl.program_id(1), tl.program_id(2)
-    offs_m, offs_n, offs_d = tl.arange(0, TILE_M), tl.arange(0, TILE_N), tl.arange(0, HEAD_DIM)
+    offs_m, offs_n, offs_d = tl.arange(0, TILE_M), tl.arange(0, TILE_N), tl.arange(0, BLOCK_D)
     b, k_head, rows, real, row_pos, key_start, key_end, q_tile = _program_setup(
         q_ptr, sq_b, sq_h, sq_l, key_range_ptr, pid_rows, pid_bh, n_heads, kv_heads, n_rows, q_len, k_len, row0,
-        scale_log2, offs_m, offs_d, ROW_STRIDE, HAS_KEY_RANGE)
+        scale_log2, offs_m, offs_d, ROW_STRIDE, HAS_KEY_RANGE, HEAD_DIM)
     m_i = tl.full((TILE_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((TILE_M,), dtype=tl.float32)
     tile_lo, tile_hi = _key_tile_range(row_pos, pid_split, n_cols, TILES_PER_SPLIT, COL_STRIDE, TILE_N)
     for tile in range(tile_lo, tile_hi):
         s = _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, b, k_head, tile * TILE_N, n_cols, k_len, row_pos,
-                         key_start, key_end, offs_n, offs_d, COL_STRIDE)
+                         key_start, key_end, offs_n, offs_d, softcap_log2, COL_STRIDE, HEAD_DIM, HAS_SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
@@ -145,17 +155,18 @@ def _pooled_probs_kernel(
     q_ptr, k_ptr, key_range_ptr, m_ptr, l_ptr, score_ptr, mass_ptr,
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
     n_heads, kv_heads, n_rows, n_cols, q_len, k_len, row0, n_splits, n_q_blocks, n_k_blocks, scale_log2,
+    softcap_log2,
     ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
-    HAS_KEY_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
-    ROWS_PER_BLOCK: tl.constexpr, COLS_PER_BLOCK: tl.constexpr,
+    HAS_KEY_RANGE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_N: tl.constexpr, ROWS_PER_BLOCK: tl.constexpr, COLS_PER_BLOCK: tl.constexpr,
 ):
     """Pass 2: probabilities exp2(s - lse), max- and sum-pooled into (query block, key block) cells."""
     pid_rows = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh, pid_split = tl.program_id(1), tl.program_id(2)
-    offs_m, offs_n, offs_d = tl.arange(0, TILE_M), tl.arange(0, TILE_N), tl.arange(0, HEAD_DIM)
+    offs_m, offs_n, offs_d = tl.arange(0, TILE_M), tl.arange(0, TILE_N), tl.arange(0, BLOCK_D)
     b, k_head, rows, real, row_pos, key_start, key_end, q_tile = _program_setup(
         q_ptr, sq_b, sq_h, sq_l, key_range_ptr, pid_rows, pid_bh, n_heads, kv_heads, n_rows, q_len, k_len, row0,
-        scale_log2, offs_m, offs_d, ROW_STRIDE, HAS_KEY_RANGE)
+        scale_log2, offs_m, offs_d, ROW_STRIDE, HAS_KEY_RANGE, HEAD_DIM)
     lse = _merged_lse(m_ptr, l_ptr, pid_bh, n_splits, n_rows, rows, real)
 
     Q_BLOCKS: tl.constexpr = TILE_M // ROWS_PER_BLOCK
@@ -167,7 +178,7 @@ def _pooled_probs_kernel(
     tile_lo, tile_hi = _key_tile_range(row_pos, pid_split, n_cols, TILES_PER_SPLIT, COL_STRIDE, TILE_N)
     for tile in range(tile_lo, tile_hi):
         s = _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, b, k_head, tile * TILE_N, n_cols, k_len, row_pos,
-                         key_start, key_end, offs_n, offs_d, COL_STRIDE)
+                         key_start, key_end, offs_n, offs_d, softcap_log2, COL_STRIDE, HEAD_DIM, HAS_SOFTCAP)
         p = tl.exp2(s - lse[:, None])  # [TILE_M, TILE_N]
         # Pool keys into blocks, then rows into blocks.
         p_cols = tl.reshape(p, (TILE_M, K_BLOCKS, COLS_PER_BLOCK))
@@ -203,18 +214,17 @@ def pooled_softmax_blocks(
     scale: float,
     key_range: torch.Tensor | None = None,
     row0: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal softmax of query rows over key rows, max- and mean-pooled into blocks, in two passes.
 
     rows [B, H, R, D]: row r stands for queries [row0 + r*stride, +stride) of a q of length q_len
     (queries are the last q_len of k_len positions). keys [B, Hk, C, D]: key row c stands for keys
     [c*stride, +stride); head h reads key head h * Hk // H. With `row0` given, the rows are queries
-    row0, row0 + 1, ... (stride 1) and form one query block. Returns (score, mass) fp32
-    [B, H, n_q_blocks, n_k_blocks] as `estimate.py` defines them.
+    row0, row0 + 1, ... (stride 1) and form one query block. `softcap` caps the logits as the attention
+    does. Returns (score, mass) fp32 [B, H, n_q_blocks, n_k_blocks] as `estimate.py` defines them.
     """
     b, heads, n_rows, d = rows.shape
-    if d & (d - 1) or d < 16:
-        raise ValueError(f"the fused selection needs a power-of-two head_dim >= 16, got {d}; use backend='torch'.")
     n_cols = keys.shape[2]
     single_block = row0 is not None
     rows_per_block = block_size if single_block else block_size // stride
@@ -229,16 +239,18 @@ def pooled_softmax_blocks(
     args = (rows.stride(0), rows.stride(1), rows.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
             heads, keys.shape[1], n_rows, n_cols, q_len, k_len, row0 or 0)
     meta = dict(ROW_STRIDE=1 if single_block else stride, COL_STRIDE=stride, TILES_PER_SPLIT=tiles_per_split,
-                HAS_KEY_RANGE=key_range is not None, HEAD_DIM=d, TILE_M=tile_m, TILE_N=tile_n, num_warps=NUM_WARPS)
+                HAS_KEY_RANGE=key_range is not None, HAS_SOFTCAP=softcap is not None, HEAD_DIM=d,
+                BLOCK_D=max(16, triton.next_power_of_2(d)), TILE_M=tile_m, TILE_N=tile_n, num_warps=NUM_WARPS)
     scale_log2 = scale * _LOG2E
+    softcap_log2 = 0.0 if softcap is None else float(softcap) * _LOG2E
     grid = (row_tiles, b * heads, splits)
     m = torch.empty(b * heads, splits, n_rows, device=rows.device, dtype=torch.float32)
     sum_exp = torch.empty_like(m)
-    _row_stats_kernel[grid](rows, keys, kr, m, sum_exp, *args, splits, scale_log2, **meta)
+    _row_stats_kernel[grid](rows, keys, kr, m, sum_exp, *args, splits, scale_log2, softcap_log2, **meta)
     score, mass = torch.zeros(2, b, heads, n_q_blocks, n_k_blocks, device=rows.device, dtype=torch.float32)
     _pooled_probs_kernel[grid](rows, keys, kr, m, sum_exp, score, mass, *args, splits, n_q_blocks, n_k_blocks,
-                               scale_log2,
-                               ROWS_PER_BLOCK=rows_per_block, COLS_PER_BLOCK=cols_per_block, **meta)
+                               scale_log2, softcap_log2, ROWS_PER_BLOCK=rows_per_block,
+                               COLS_PER_BLOCK=cols_per_block, **meta)
     return score, mass
 
 
@@ -246,21 +258,22 @@ def pooled_softmax_blocks(
 def _pool_tokens_kernel(
     x_ptr, out_ptr, key_range_ptr, sx_b, sx_h, sx_l, so_b, so_h, so_g, out_heads, length, n_groups,
     STRIDE: tl.constexpr, HEADS_PER_OUT: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    GROUPS: tl.constexpr,
+    BLOCK_D: tl.constexpr, GROUPS: tl.constexpr,
 ):
     """out[b, h, g] = mean of x over heads [h*HEADS_PER_OUT, +HEADS_PER_OUT) and tokens [g*STRIDE, +STRIDE)
     that exist (and lie in the key range); zero for groups with no such token."""
     pid_g, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // out_heads, pid_bh % out_heads
     groups = pid_g * GROUPS + tl.arange(0, GROUPS)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_dim = offs_d < HEAD_DIM
     if HAS_KEY_RANGE:
         start = tl.load(key_range_ptr + 2 * b)
         end = tl.minimum(tl.load(key_range_ptr + 2 * b + 1), length)
     else:
         start = 0
         end = length
-    acc = tl.zeros((GROUPS, HEAD_DIM), dtype=tl.float32)
+    acc = tl.zeros((GROUPS, BLOCK_D), dtype=tl.float32)
     count = tl.zeros((GROUPS,), dtype=tl.float32)
     for t in tl.static_range(STRIDE):
         token = groups * STRIDE + t
@@ -268,10 +281,10 @@ def _pool_tokens_kernel(
         count += ok.to(tl.float32)
         for g in tl.static_range(HEADS_PER_OUT):
             ptrs = x_ptr + b * sx_b + (h * HEADS_PER_OUT + g) * sx_h + token[:, None] * sx_l + offs_d[None, :]
-            acc += tl.load(ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+            acc += tl.load(ptrs, mask=ok[:, None] & in_dim[None, :], other=0.0).to(tl.float32)
     out = acc / (tl.maximum(count, 1.0) * HEADS_PER_OUT)[:, None]
     out_ptrs = out_ptr + b * so_b + h * so_h + groups[:, None] * so_g + offs_d[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(groups < n_groups)[:, None])
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(groups < n_groups)[:, None] & in_dim[None, :])
 
 
 def pool_tokens_fused(x: torch.Tensor, stride: int, groups: int, heads: int,
@@ -287,12 +300,13 @@ def pool_tokens_fused(x: torch.Tensor, stride: int, groups: int, heads: int,
     grid = (triton.cdiv(groups, POOL_GROUPS), b * heads)
     _pool_tokens_kernel[grid](x, out, kr, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
                               out.stride(2), heads, length, groups, STRIDE=stride, HEADS_PER_OUT=h // heads,
-                              HAS_KEY_RANGE=key_range is not None, HEAD_DIM=d, GROUPS=POOL_GROUPS)
+                              HAS_KEY_RANGE=key_range is not None, HEAD_DIM=d,
+                              BLOCK_D=max(16, triton.next_power_of_2(d)), GROUPS=POOL_GROUPS)
     return out
 
 
 def estimate_block_scores_fused(q: torch.Tensor, k: torch.Tensor, config, scale: float | None = None,
-                                key_range: torch.Tensor | None = None) -> BlockScores:
+                                key_range: torch.Tensor | None = None, softcap: float | None = None) -> BlockScores:
     """`estimate.estimate_block_scores`, computed by the Triton kernels."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -303,58 +317,17 @@ def estimate_block_scores_fused(q: torch.Tensor, k: torch.Tensor, config, scale:
     rows = pool_tokens_fused(q, stride, -(-lq // bs) * per_block, proxies)
     kv_proxies = proxies if hkv % proxies == 0 else hkv  # more proxies than KV heads: each reads one
     keys = pool_tokens_fused(k, stride, -(-lk // bs) * per_block, kv_proxies, key_range)
-    score, mass = pooled_softmax_blocks(rows, keys, lq, lk, bs, stride, scale, key_range)
+    score, mass = pooled_softmax_blocks(rows, keys, lq, lk, bs, stride, scale, key_range, softcap=softcap)
     return BlockScores(score=score, mass=mass, heads_per_proxy=hq // proxies)
 
 
 def last_block_mass_fused(q: torch.Tensor, k: torch.Tensor, config, scale: float | None = None,
-                          key_range: torch.Tensor | None = None) -> torch.Tensor:
+                          key_range: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """`budget.last_block_mass` (each head's exact attention from its last query block, pooled to key
     blocks), computed by the Triton kernels: fp32 [B, Hq, n_k_blocks]."""
     lq, bs = q.shape[2], config.block_size
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     first = (-(-lq // bs) - 1) * bs
-    _, mass = pooled_softmax_blocks(q[:, :, first:], k, lq, k.shape[2], bs, 1, scale, key_range, row0=first)
+    _, mass = pooled_softmax_blocks(q[:, :, first:], k, lq, k.shape[2], bs, 1, scale, key_range, row0=first,
+                                    softcap=softcap)
     return mass[:, :, 0]
-
-
-def fused_selection_supports(q: torch.Tensor) -> str | None:
-    """None when the fused selection can run on these queries, else the reason it cannot."""
-    if not q.is_cuda:
-        return f"tensors are on {q.device.type}, the fused selection needs CUDA"
-    d = q.shape[-1]
-    if d & (d - 1) or d < 16:
-        return f"head_dim {d} (the fused selection takes powers of two >= 16)"
-    return None
-
-
-def use_fused_selection(q: torch.Tensor, backend: str) -> bool:
-    """Resolve `config.backend` for the selection: "auto" fuses fp16/bf16 CUDA inputs, "triton" any
-    CUDA input it can (raising when it cannot), "torch" never."""
-    if backend == "torch":
-        return False
-    reason = fused_selection_supports(q)
-    if backend == "triton" and reason is not None:
-        raise ValueError(f"backend='triton' cannot select blocks: {reason}. Use backend='auto' or 'torch'.")
-    return reason is None and (backend == "triton" or q.dtype in (torch.float16, torch.bfloat16))
-
-
-def compact_layout(mask: torch.Tensor, block_size: int) -> BlockLayout:
-    """`BlockLayout.from_mask(mask, block_size, max_count=n_k_blocks)` without a sort: each kept block
-    goes to the slot given by a running count of the kept blocks before it."""
-    n_kb = mask.shape[-1]
-    slot = torch.where(mask, mask.cumsum(-1, dtype=torch.int32) - 1, torch.full_like(mask, n_kb, dtype=torch.int32))
-    indices = torch.full((*mask.shape[:-1], n_kb + 1), -1, dtype=torch.int32, device=mask.device)
-    blocks = torch.arange(n_kb, dtype=torch.int32, device=mask.device).expand_as(slot)
-    indices.scatter_(-1, slot.long(), blocks)
-    return BlockLayout(mask.sum(-1, dtype=torch.int32), indices[..., :n_kb].contiguous(), block_size, n_kb)
-
-
-def select_blocks_fused(q: torch.Tensor, k: torch.Tensor, config, scale: float | None = None,
-                        key_range: torch.Tensor | None = None) -> BlockLayout:
-    """`attention.select_blocks` on the GPU: fused estimate and last-block attention, torch policy."""
-    scores = estimate_block_scores_fused(q, k, config, scale, key_range)
-    last_mass = last_block_mass_fused(q, k, config, scale, key_range)
-    if config.gamma >= 1:  # every causal block
-        return compact_layout(choose_blocks(scores, last_mass, config, q.shape[2], k.shape[2]), config.block_size)
-    return choose_blocks_fused(scores, last_mass, config, q.shape[2], k.shape[2])

@@ -1,0 +1,240 @@
+"""Does sparse prefill keep every answer dense finds? Retrieval accuracy, paired against dense, with a
+per-needle diagnosis of every answer sparse loses, plus TTFT and long-text perplexity, in one run.
+
+For each (task, length, depth, seed) prompt from the package's generators, dense attention and each
+selection config answer greedily (decode is dense in both). Accuracy comes with a 95 % Wilson
+interval, and the paired difference sparse - dense over the same prompts with a 95 % interval. For
+every prompt sparse loses, `eval.needles.NeedleProbe` says, per layer and head, how much exact
+attention the question's rows put on the needle and whether its key blocks were kept for them.
+
+    python3 bench/bench_retrieval.py --model MODELS/qwen05 --lengths 16k,24k,32k --seeds 6 \
+        --configs previous,tail,q16,q16-lean --diagnose previous,tail --ttft 32k --ppl 32k
+
+Writes $OUT/retrieval.jsonl (one row per prompt and mode) and prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparse_prefill import SparsePrefillConfig  # noqa: E402
+from sparse_prefill.eval.commands import parse_lengths  # noqa: E402
+from sparse_prefill.eval.models import load_model  # noqa: E402
+from sparse_prefill.eval.needles import NeedleProbe, question_rows, relevant_needles  # noqa: E402
+from sparse_prefill.eval.recording import LayoutRecorder, intercept_layouts, num_layers  # noqa: E402
+from sparse_prefill.eval.runner import greedy_answer, set_mode  # noqa: E402
+from sparse_prefill.eval.scoring import score  # noqa: E402
+from sparse_prefill.eval.tasks import make_example  # noqa: E402
+from sparse_prefill.patches import unpatch_model  # noqa: E402
+
+CONFIGS = {  # name: SparsePrefillConfig fields (min_seq_len=0: the sparse path runs at every length)
+    "previous": dict(gamma=0.95, proxy_heads="kv", stride=4, min_budget_tokens=2048, exact_tail_tokens=0),
+    "tail": dict(gamma=0.95, proxy_heads="kv", stride=4, min_budget_tokens=2048, exact_tail_tokens=256),
+    "q16": dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256),
+    "q16-notail": dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=0),
+    "q16-lean": dict(gamma=0.85, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256),
+    "q16-tail512": dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=512),
+    "default": dict(),
+}
+
+
+def config_named(name: str) -> SparsePrefillConfig:
+    return SparsePrefillConfig(min_seq_len=0, **CONFIGS[name])
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (partial scores count as fractional successes)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired(diffs: list[float], z: float = 1.96) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95 % normal interval."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = statistics.stdev(diffs) if n > 1 else 0.0
+    return mean, mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)
+
+
+def answer(model, tok, example, mode: str, config, hooks) -> dict:
+    set_mode(model, mode, config)
+    recorder = LayoutRecorder(num_layers(model))
+    probe = NeedleProbe(relevant_needles(example), question_rows(example)) if hooks else None
+
+    def hook(layer, q, k, layout):
+        recorder(layer, q, k, layout)
+        return probe(layer, q, k, layout) if probe else layout
+
+    with intercept_layouts(model, hook):
+        text, ttft, _ = greedy_answer(model, tok, example.input_ids, example.max_new_tokens)
+    row = {"answer": text, "score": score(text, example.answers), "ttft_s": ttft}
+    if mode == "sparse":
+        row["density"] = recorder.mean_density()
+    if probe is not None:
+        row["needles"] = probe.summary()
+    return row
+
+
+@torch.inference_mode()
+def prefill_ms(model, ids, repeats: int = 5) -> float:
+    for _ in range(2):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def ttft_rows(model, tok, length: int, configs: list[str]) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ex = make_example("niah_multikey", tok, length, 0.5, 0, "prose")
+    ids = torch.tensor([list(ex.input_ids)], device="cuda")
+    unpatch_model(model)
+    rows = [{"variant": "dense sdpa (model default)", "ms": prefill_ms(model, ids)}]
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        with sdpa_kernel(backend):
+            rows.append({"variant": f"dense {name}", "ms": prefill_ms(model, ids)})
+    for name in configs:
+        set_mode(model, "sparse", config_named(name))
+        rows.append({"variant": f"sparse {name}", "ms": prefill_ms(model, ids)})
+    unpatch_model(model)
+    best = min(r["ms"] for r in rows if r["variant"].startswith("dense"))
+    for r in rows:
+        r.update(length=length, speedup=best / r["ms"])
+    return rows
+
+
+def ppl_rows(model, tok, length: int, configs: list[str], tail: int = 2048) -> list[dict]:
+    from sparse_prefill.eval.haystack import prose_sentences
+    from sparse_prefill.eval.perplexity import token_losses
+
+    text = " ".join(prose_sentences())
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    while len(ids) < length:
+        ids = ids + ids
+    ids = torch.tensor([ids[:length]], device=next(model.parameters()).device)
+    rows = []
+    for name in ["dense", *configs]:
+        set_mode(model, "dense" if name == "dense" else "sparse", config_named(name) if name != "dense" else None)
+        loss = float(token_losses(model, ids)[-tail:].mean())
+        rows.append({"variant": name, "length": length, "ppl_last": math.exp(loss)})
+    unpatch_model(model)
+    for r in rows:
+        r["vs_dense_pct"] = 100 * (r["ppl_last"] / rows[0]["ppl_last"] - 1)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery")
+    parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("16k,24k,32k"))
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--haystack", default="prose", choices=("prose", "noise"))
+    parser.add_argument("--configs", default="previous,q16")
+    parser.add_argument("--diagnose", default="", help="configs whose every prompt gets the needle probe")
+    parser.add_argument("--ttft", type=parse_lengths, default=[])
+    parser.add_argument("--ppl", type=parse_lengths, default=[])
+    parser.add_argument("--skip-eval", action="store_true")
+    args = parser.parse_args()
+    out = Path(os.environ.get("OUT", "."))
+    configs = [c for c in args.configs.split(",") if c]
+    diagnose = {c for c in args.diagnose.split(",") if c}
+    model, tok = load_model(args.model)
+    model.eval()
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"model {args.model} {next(model.parameters()).dtype} on {card}", flush=True)
+
+    rows = []
+    sink = open(out / "retrieval.jsonl", "a")
+    depths = [float(d) for d in args.depths.split(",")]
+    started = time.time()
+    for length in ([] if args.skip_eval else args.lengths):
+        for task in args.tasks.split(","):
+            for depth in depths:
+                for seed in range(args.seeds):
+                    ex = make_example(task, tok, length, depth, seed, args.haystack)
+                    base = {"task": task, "length": length, "depth": depth, "seed": seed}
+                    dense = answer(model, tok, ex, "dense", None, hooks=False)
+                    rows.append({**base, "mode": "dense", **dense})
+                    for name in configs:
+                        got = answer(model, tok, ex, "sparse", config_named(name), hooks=name in diagnose)
+                        rows.append({**base, "mode": name, **got, "dense_score": dense["score"]})
+                    for r in rows[-(1 + len(configs)):]:
+                        sink.write(json.dumps(r) + "\n")
+                    sink.flush()
+            print(f"  {length} {task} done at {time.time() - started:.0f} s", flush=True)
+    unpatch_model(model)
+
+    extra = []
+    for length in args.ttft:
+        extra += ttft_rows(model, tok, length, configs)
+    for length in args.ppl:
+        extra += ppl_rows(model, tok, length, configs)
+    for r in extra:
+        sink.write(json.dumps(r) + "\n")
+    sink.close()
+
+    # -- diagnosis of every lost answer -------------------------------------------------------------
+    lost = [r for r in rows if r["mode"] in diagnose and r["score"] < r["dense_score"]]
+    kept = [r for r in rows if r["mode"] in diagnose and r["score"] >= r["dense_score"] and "needles" in r]
+    if lost or kept:
+        print("\nneedle diagnosis (question rows' exact mass on the needle, in (layer, head) pairs):")
+        for name in sorted(diagnose):
+            for label, group in (("lost", lost), ("kept", kept)):
+                g = [r["needles"] for r in group if r["mode"] == name]
+                if g:
+                    drop = statistics.mean(x["needle_mass_dropped"] for x in g)
+                    keep = statistics.mean(x["needle_mass_kept"] for x in g)
+                    heads = statistics.mean(x["heads_dropping"] / x["heads"] for x in g)
+                    print(f"  {name:12s} {label}: n={len(g):3d} mass dropped {drop:.3f} kept {keep:.3f} "
+                          f"share of heads dropping the needle {heads:.3f}")
+        for r in lost[:12]:
+            print(f"  lost {r['mode']} {r['task']} {r['length']} d{r['depth']} s{r['seed']}: "
+                  f"{r['needles']['worst_dropped'][:3]}")
+
+    # -- tables -----------------------------------------------------------------------------------------
+    for r in extra:
+        print(json.dumps(r))
+    print("\n| task | length | mode | n | accuracy [95 % CI] | sparse - dense [95 % CI] | density |")
+    print("|---|---|---|---|---|---|---|")
+    modes = ["dense", *configs]
+    for task in args.tasks.split(","):
+        for length in [*args.lengths, "all"]:
+            cell = [r for r in rows if r["task"] == task and (length == "all" or r["length"] == length)]
+            for mode in modes:
+                m = [r for r in cell if r["mode"] == mode]
+                if not m:
+                    continue
+                acc = sum(r["score"] for r in m) / len(m)
+                lo, hi = wilson(sum(r["score"] for r in m), len(m))
+                diff = "" if mode == "dense" else "{:+.3f} [{:+.3f}, {:+.3f}]".format(
+                    *paired([r["score"] - r["dense_score"] for r in m]))
+                dens = "" if mode == "dense" else f"{statistics.mean(r['density'] for r in m):.3f}"
+                print(f"| {task} | {length} | {mode} | {len(m)} | {acc:.3f} [{lo:.2f}, {hi:.2f}] | {diff} | {dens} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

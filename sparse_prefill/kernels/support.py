@@ -1,0 +1,48 @@
+"""What the Triton kernels support: the one table the attention kernel, the fused selection and the
+model glue all read, so none of them can disagree about it.
+
+Anything outside it runs exactly elsewhere: on CUDA the glue sends the call to the model's dense
+attention (with one warning), off CUDA the PyTorch reference runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16)  # what backend="auto" sends to Triton (fp32 runs under "triton")
+SELECTION_DTYPES = TRITON_DTYPES
+TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)  # non-powers of two are padded in registers
+TRITON_BLOCK_SIZES = (64, 128)
+MIN_TRITON = (3, 4)  # tensor descriptors (TMA) in kernels and `tl.range(num_stages=...)`
+
+
+def head_dim_supported(head_dim: int) -> bool:
+    return head_dim in TRITON_HEAD_DIMS
+
+
+@functools.cache
+def triton_version_ok() -> bool:
+    """Whether the installed Triton is new enough for the kernels (MIN_TRITON)."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return (major, minor) >= MIN_TRITON
+
+
+def triton_supports(q: torch.Tensor, block_size: int) -> str | None:
+    """None when the Triton kernels can run these inputs, else the reason they cannot."""
+    if not q.is_cuda:
+        return f"tensors are on {q.device.type}, the Triton kernel needs CUDA"
+    if q.dtype not in TRITON_DTYPES:
+        return f"dtype {q.dtype} (the Triton kernel takes float16 and bfloat16)"
+    if not head_dim_supported(q.shape[-1]):
+        return f"head_dim {q.shape[-1]} (the Triton kernel takes {', '.join(map(str, TRITON_HEAD_DIMS))})"
+    if block_size not in TRITON_BLOCK_SIZES:
+        return f"block_size {block_size} (the Triton kernel takes {' and '.join(map(str, TRITON_BLOCK_SIZES))})"
+    if not triton_version_ok():
+        return f"Triton older than {'.'.join(map(str, MIN_TRITON))} (the kernels need tensor descriptors)"
+    return None
