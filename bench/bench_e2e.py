@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_prefill import SparsePrefillConfig  # noqa: E402
+from sparse_prefill.config import config_from_options  # noqa: E402
 from sparse_prefill.eval.archs import random_model  # noqa: E402
 from sparse_prefill.eval.commands import parse_lengths  # noqa: E402
 from sparse_prefill.eval.models import load_model  # noqa: E402
@@ -40,6 +41,7 @@ from sparse_prefill.eval.runner import format_table  # noqa: E402
 from sparse_prefill.eval.speed import attention_only, attention_shape, end_to_end  # noqa: E402
 from sparse_prefill.eval.tasks import make_example  # noqa: E402
 
+CONFIG_FIELDS = ("gamma", "block_size", "min_budget_tokens", "sink_blocks", "local_blocks", "stride", "proxy_heads")
 COLUMNS = ["model", "what", "length", "variant", "ms", "speedup", "density", "top1_match", "peak_gib", "note"]
 
 
@@ -51,23 +53,27 @@ def parse_args(argv=None):
     p.add_argument("--model-lengths", type=parse_lengths, default=[32768], help="lengths for --model models")
     p.add_argument("--densities", help="JSON of per-layer densities to force on --arch models")
     p.add_argument("--density", type=float, help="one density to force on every layer of --arch models")
-    p.add_argument("--gamma", type=float)
-    p.add_argument("--block-size", type=int, choices=(64, 128))
-    p.add_argument("--min-budget-tokens", type=int)
+    for field in CONFIG_FIELDS:  # strings, parsed by config_from_options like the CLI's
+        p.add_argument("--" + field.replace("_", "-"), dest=field, help="sparse config field (default: the library's)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--attention", action="store_true", help="also time attention alone for each --arch shape")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     return p.parse_args(argv)
 
 
+def build_config(args) -> SparsePrefillConfig:
+    """The config of the config flags given, with the sparse path at every length (min_seq_len=0)."""
+    given = {k: getattr(args, k) for k in CONFIG_FIELDS if getattr(args, k) is not None}
+    return config_from_options({**given, "min_seq_len": 0})
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    config = build_config(args)
     if not torch.cuda.is_available():
         print("bench_e2e.py times GPU prefill; no CUDA device here.")
         return 1
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
-    given = {k: getattr(args, k) for k in ("gamma", "block_size", "min_budget_tokens") if getattr(args, k) is not None}
-    config = SparsePrefillConfig(**given, min_seq_len=0)
     forced = load_layer_densities(args.densities) if args.densities else args.density
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, config {config}")
     if forced is not None:

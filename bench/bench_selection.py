@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_prefill import SparsePrefillConfig, select_blocks, selection  # noqa: E402
+from sparse_prefill.config import config_from_options  # noqa: E402
 from sparse_prefill.selection import fused  # noqa: E402
 from sparse_prefill.selection.budget import choose_blocks, last_block_mass  # noqa: E402
 from sparse_prefill.selection.estimate import estimate_block_scores  # noqa: E402
@@ -44,6 +45,18 @@ VARIANTS = {  # name: config changes
     "q-s8": dict(proxy_heads="q", stride=8),
     "kv-s4": dict(proxy_heads="kv", stride=4),
 }
+
+
+def variant_config(name: str, gamma: float) -> SparsePrefillConfig:
+    """A VARIANTS name, or config fields written out: 'proxy_heads=q+stride=8+min_budget_tokens=1024'."""
+    if name in VARIANTS:
+        options = VARIANTS[name]
+    elif "=" in name:
+        options = dict(item.split("=", 1) for item in name.split("+"))
+    else:
+        raise ValueError(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}, or fields written out like "
+                         "proxy_heads=q+stride=8")
+    return config_from_options({"gamma": gamma, **options})
 
 
 def bench(fn, rep_ms: int) -> float:
@@ -137,7 +150,7 @@ def time_shape(shape: str, n: int, variants: list[str], gamma: float, rep_ms: in
     dense_ms = bench(lambda: dense_cudnn(q, k, v), rep_ms)
     log(f"{shape} N={n}: cuDNN dense {dense_ms:.3f} ms")
     for name in variants:
-        config = SparsePrefillConfig(gamma=gamma, **VARIANTS[name])
+        config = variant_config(name, gamma)
         stages = selection_stages(q, k, config)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -164,7 +177,7 @@ def tile_sweep(shape: str, n: int, variants: list[str], tiles: list[str], gamma:
     rows = []
     try:
         for name in variants:
-            config = SparsePrefillConfig(gamma=gamma, **VARIANTS[name])
+            config = variant_config(name, gamma)
             reference = selection.select_blocks_fused(q, k, config).to_mask()
             for tile in tiles:
                 mn, warps = tile.split("w")
@@ -190,7 +203,8 @@ def main() -> int:
     parser.add_argument("--shapes", default="llama,qwen05b")
     parser.add_argument("--sizes", default="32768,65536,131072", help="lengths for the llama shape")
     parser.add_argument("--small-sizes", default="32768", help="lengths for the qwen05b shape")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma list of {', '.join(VARIANTS)} or fields written out, e.g. proxy_heads=q+stride=8")
     parser.add_argument("--gamma", type=float, default=0.95)
     parser.add_argument("--check-size", type=int, default=4096)
     parser.add_argument("--rep-ms", type=int, default=200)
@@ -214,7 +228,7 @@ def main() -> int:
     variants = args.variants.split(",")
     for shape in args.shapes.split(","):
         for name in variants:
-            config = SparsePrefillConfig(gamma=args.gamma, **VARIANTS[name])
+            config = variant_config(name, args.gamma)
             try:
                 check = check_correctness(shape, args.check_size, config)
             except Exception as err:  # report and go on to the timings

@@ -1,12 +1,33 @@
-"""sparse_prefill: training-free block-sparse prefill for Hugging Face models."""
+"""sparse_prefill: training-free block-sparse prefill for Hugging Face models.
 
-from .attention import sparse_attention
-from .config import SparsePrefillConfig
-from .kernels import block_sparse_attention
-from .layout import BlockLayout
-from .notices import SparsePrefillWarning
-from .patches import patch_model, unpatch_model
-from .selection import select_blocks
+The names below load on first use (PEP 562), so that `import sparse_prefill.cli` (the
+`sparse-prefill --help` path) and `sparse_prefill.config` do not import torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .attention import sparse_attention
+    from .config import SparsePrefillConfig
+    from .kernels import block_sparse_attention
+    from .layout import BlockLayout
+    from .notices import SparsePrefillWarning
+    from .patches import patch_model, unpatch_model
+    from .selection import select_blocks
+
+_LAZY = {  # public name -> the submodule that defines it
+    "sparse_attention": ".attention",
+    "SparsePrefillConfig": ".config",
+    "block_sparse_attention": ".kernels",
+    "BlockLayout": ".layout",
+    "SparsePrefillWarning": ".notices",
+    "patch_model": ".patches",
+    "unpatch_model": ".patches",
+    "select_blocks": ".selection",
+}
 
 __all__ = [
     "BlockLayout",
@@ -19,3 +40,15 @@ __all__ = [
     "unpatch_model",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # once loaded, a plain module attribute
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -3,7 +3,8 @@
     sparse-prefill niah | ruler | ppl | speed | sweep | recall | fetch-model | lm-eval
 
 Run any of them with no `--model` to use the embedded tiny random-weight model (a smoke run on a
-CPU). The subcommands live in `sparse_prefill.eval.commands` (and `eval.recall`).
+CPU). The subcommands live in `sparse_prefill.eval.commands` (and `eval.recall`). Building the parser
+imports neither torch nor transformers, so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -12,24 +13,12 @@ import argparse
 import sys
 
 
-def _add_recall(subparsers) -> None:
-    """The selection-quality command, when its module is present."""
-    try:
-        from .eval import recall
-    except ModuleNotFoundError as err:
-        if err.name != "sparse_prefill.eval.recall":
-            raise
-        return
-    recall.add_parser(subparsers)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-prefill", description="Block-sparse prefill for transformers models.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     from .eval.commands import add_parsers
 
     add_parsers(subparsers)
-    _add_recall(subparsers)
     return parser
 
 
@@ -44,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    from .eval.commands import CommandError
+
+    try:
+        return args.func(args)
+    except CommandError as err:  # a request we cannot carry out: its message, no traceback
+        print(f"sparse-prefill {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

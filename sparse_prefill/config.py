@@ -104,19 +104,15 @@ class SparsePrefillConfig:
 
 
 def as_config(config: SparsePrefillConfig | Mapping | None) -> SparsePrefillConfig:
-    """A SparsePrefillConfig from itself, a mapping of its fields, or None (the defaults)."""
+    """A SparsePrefillConfig from itself, a mapping of its fields (parsed by `config_from_options`), or None
+    (the defaults)."""
     if config is None:
         return SparsePrefillConfig()
     if isinstance(config, SparsePrefillConfig):
         return config
     if isinstance(config, Mapping):
-        unknown = sorted(set(config) - set(SparsePrefillConfig.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown SparsePrefillConfig field(s) {unknown}; the fields are "
-                             f"{sorted(SparsePrefillConfig.__dataclass_fields__)}.")
-        return SparsePrefillConfig(**config)
+        return config_from_options(config)
     raise TypeError(f"config must be a SparsePrefillConfig, a dict of its fields or None; got {type(config).__name__}.")
-
 
 
 def auto_min_seq_len(config: SparsePrefillConfig) -> int:
@@ -127,3 +123,62 @@ def auto_min_seq_len(config: SparsePrefillConfig) -> int:
     12K. A row keeps at least `min_budget_tokens` keys, so a larger budget moves it out: 4x the budget.
     """
     return max(12288, 4 * config.min_budget_tokens)
+
+
+def config_from_options(options: Mapping[str, object], base: SparsePrefillConfig | None = None) -> SparsePrefillConfig:
+    """A validated SparsePrefillConfig from options given as strings or typed values.
+
+    The one parser of configs written as text: command-line flags, lm-eval `--model_args`, bench
+    scripts. `options` maps field names (`min_budget_tokens` or `min-budget-tokens`) to values, each
+    either already typed or a string converted by the field's type: "0.9" -> 0.9, "128" -> 128;
+    proxy_heads keeps "q" and "kv" and turns digits into an int; "none" or "auto" give None where the
+    field allows it (min_seq_len: automatic). Fields not given keep their value in `base` (default:
+    the library defaults).
+
+    Raises ValueError naming an unknown field (and listing the known ones), or a field and its bad value.
+    """
+    import dataclasses
+    import typing
+
+    types = typing.get_type_hints(SparsePrefillConfig)
+    known = [f.name for f in dataclasses.fields(SparsePrefillConfig)]
+    words = {int: "an integer", float: "a number", str: "a string", type(None): '"none"/"auto" (automatic)'}
+
+    def convert(field: str, value: object) -> object:
+        allowed = typing.get_args(types[field]) or (types[field],)
+        kinds = " or ".join(words[t] for t in allowed)
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "auto")
+                             and type(None) in allowed):
+            if type(None) in allowed:
+                return None
+            raise ValueError(f"SparsePrefillConfig.{field} cannot be None: it must be {kinds}.")
+        if isinstance(value, bool):  # bool is an int to Python, never a config value
+            raise ValueError(f"SparsePrefillConfig.{field}={value!r} is not allowed: it must be {kinds}, not a bool.")
+        if isinstance(value, str):
+            text = value.strip()
+            for kind in (int, float):  # the numeric types a field takes, the narrowest first
+                if kind in allowed:
+                    try:
+                        return kind(text)
+                    except ValueError:
+                        pass
+            if str in allowed and text:
+                return text
+            raise ValueError(f"SparsePrefillConfig.{field}={value!r} is not allowed: it must be {kinds}.")
+        if isinstance(value, float) and float not in allowed and int in allowed and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and int not in allowed and float in allowed:
+            return float(value)
+        if not isinstance(value, allowed):
+            raise ValueError(f"SparsePrefillConfig.{field}={value!r} is not allowed: it must be {kinds}.")
+        return value
+
+    changes: dict[str, object] = {}
+    for name, value in options.items():
+        field = str(name).strip().replace("-", "_")
+        if field not in types:
+            raise ValueError(f"Unknown SparsePrefillConfig field {name!r}; the fields are: {', '.join(known)}.")
+        if field in changes:
+            raise ValueError(f"SparsePrefillConfig.{field} is given twice (as {field!r} and with dashes).")
+        changes[field] = convert(field, value)
+    return (base or SparsePrefillConfig()).replace(**changes)

@@ -1,13 +1,20 @@
 """`sparse-prefill` commands, run end to end on the embedded tiny model (CPU, seconds each)."""
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from sparse_prefill.cli import build_parser, main
+from sparse_prefill.eval import commands
 from sparse_prefill.eval.commands import parse_lengths
 
 FAST = ["--min-budget-tokens", "64", "--no-progress"]
+REPO = Path(__file__).resolve().parents[1]
+CPU_NOTE = "note: on CPU the sparse path runs the plain-PyTorch reference and is several times slower than dense"
 
 
 def test_help_lists_every_command(capsys):
@@ -18,15 +25,62 @@ def test_help_lists_every_command(capsys):
     assert main([]) == 0
 
 
+def test_building_the_parser_imports_neither_torch_nor_transformers():
+    code = ("import sys; from sparse_prefill.cli import build_parser; build_parser(); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    code = ("import sys; from sparse_prefill.cli import main\n"
+            "try:\n    main(['niah', '--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
+            "print(*(m in sys.modules for m in ('torch', 'transformers', 'matplotlib')))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert "--proxy-heads" in run.stdout and run.stdout.split()[-3:] == ["False", "False", "False"]
+
+
+def test_every_command_takes_the_config_flags():
+    parser = build_parser()
+    for command in (["niah"], ["ruler"], ["ppl"], ["speed"], ["sweep"], ["recall", "--model", "m.gguf"]):
+        args = parser.parse_args([*command, "--proxy-heads", "q", "--stride", "16", "--min-budget-tokens", "1024"])
+        config = commands.config_from_args(args)
+        assert (config.proxy_heads, config.stride, config.min_budget_tokens) == ("q", 16, 1024), command
+
+
+def test_proxy_heads_on_the_command_line_reaches_the_config(tmp_path, monkeypatch, capsys):
+    from sparse_prefill.eval import perplexity
+
+    used = []
+    monkeypatch.setattr(perplexity, "perplexity_rows", lambda model, ids, config: used.append(config) or [])
+    assert main(["ppl", "--proxy-heads", "q", "--gamma", "0.9", "--min-seq-len", "auto", "--lengths", "256",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    (config,) = used
+    assert (config.proxy_heads, config.gamma, config.min_seq_len) == ("q", 0.9, None)
+    assert (config.block_size, config.min_budget_tokens) == (64, 256)  # the tiny model's preset underneath
+    assert "proxy_heads='q'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value", [("--proxy-heads", "x"), ("--block-size", "96"), ("--gamma", "high")])
+def test_a_bad_config_flag_is_a_clear_error_before_the_model_loads(tmp_path, monkeypatch, capsys, flag, value):
+    from sparse_prefill.eval import archs
+
+    monkeypatch.setattr(archs, "resolve_model", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["niah", flag, value, "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparse-prefill niah: error: ") and flag[2:].replace("-", "_") in err and value in err
+    assert "Traceback" not in err and not any(tmp_path.iterdir())
+
+
 def test_lengths_accept_k_suffixes():
     assert parse_lengths("4k, 8192,0.5k") == [4096, 8192, 512]
 
 
 def test_niah_writes_results_summary_heatmaps_and_density(tmp_path, capsys):
     (tmp_path / "results.jsonl").write_text("stale line from an earlier run\n")
-    assert main(["niah", "--lengths", "384", "--depths", "0,1", "--out", str(tmp_path), *FAST]) == 0
+    (tmp_path / "accuracy_vs_speedup.png").write_text("a picture of another command's run")
+    assert main(["niah", "--lengths", "384", "--depths", "0,1", "--out", str(tmp_path), "--overwrite", *FAST]) == 0
     out = capsys.readouterr().out
     assert "sparse-prefill-tiny (random weights)" in out and "random weights" in out.splitlines()[-1]
+    assert f"output folder: {tmp_path}" in out and out.count(CPU_NOTE) == 1
+    assert not (tmp_path / "accuracy_vs_speedup.png").exists()  # --overwrite cleared the earlier results
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 and {r["mode"] for r in rows} == {"dense", "sparse"}  # stale line gone
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -34,6 +88,44 @@ def test_niah_writes_results_summary_heatmaps_and_density(tmp_path, capsys):
     for name in ("niah_heatmap.png", "density_heatmap.png"):
         assert (tmp_path / name).stat().st_size > 2000
     assert len(json.loads((tmp_path / "density.json").read_text())["layers"]) == 2
+
+
+def test_niah_multikey_runs_at_its_default_lengths(tmp_path, capsys):
+    assert main(["niah", "--task", "niah_multikey", "--no-progress", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in rows} == {"niah_multikey"} and {r["length"] for r in rows} == {768, 1024, 2048}
+    assert len(rows) == 3 * 5 * 2  # lengths x the 5 default depths x dense and sparse
+
+
+def test_ruler_runs_every_task_at_its_default_lengths(tmp_path, capsys):
+    assert main(["ruler", "--no-progress", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    lengths = {task: sorted({r["length"] for r in rows if r["task"] == task}) for task in commands.TINY_MIN_LENGTH}
+    assert set(lengths) <= {r["task"] for r in rows} and len({r["task"] for r in rows}) == 8
+    assert all(found == [768, 1024] for found in lengths.values()), lengths
+    assert {r["length"] for r in rows if r["task"] == "passkey"} == {512, 1024}
+    assert capsys.readouterr().out.count(CPU_NOTE) == 1
+
+
+def test_the_tiny_default_lengths_fit_every_task():
+    from sparse_prefill.eval.archs import byte_tokenizer
+    from sparse_prefill.eval.tasks import TASKS, make_example
+
+    tok = byte_tokenizer()
+    for task in TASKS:
+        shortest = max(512, commands.TINY_MIN_LENGTH.get(task, 0))
+        for seed in range(5):
+            for haystack in ("noise", "prose"):
+                assert len(make_example(task, tok, shortest, 0.5, seed, haystack).input_ids) == shortest
+
+
+def test_a_length_too_short_for_a_task_names_it_and_says_what_to_do(tmp_path, capsys):
+    assert main(["niah", "--task", "niah_multikey", "--lengths", "512", "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "niah_multikey" in err and "length=512" in err and "needs at least 567 tokens" in err
+    assert "longer --lengths" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # no folder for a run that never started
 
 
 def test_ruler_runs_the_asked_tasks(tmp_path, capsys):
@@ -45,6 +137,7 @@ def test_ruler_runs_the_asked_tasks(tmp_path, capsys):
 
 def test_ppl_reports_dense_and_sparse_perplexity(tmp_path, capsys):
     assert main(["ppl", "--lengths", "256", "--out", str(tmp_path), *FAST]) == 0
+    assert capsys.readouterr().out.count(CPU_NOTE) == 1
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["mode"] for r in rows] == ["dense", "sparse"]
     # random weights over a 272-token vocabulary: perplexity near the vocabulary size, finite in both modes
@@ -71,6 +164,38 @@ def test_sweep_writes_the_accuracy_vs_speedup_curve(tmp_path, capsys):
     assert [p["gamma"] for p in summary["sparse"]] == [0.5, 1.0]
     assert summary["sparse"][0]["density"] < summary["sparse"][1]["density"] == pytest.approx(1.0)
     assert (tmp_path / "accuracy_vs_speedup.png").stat().st_size > 2000
+
+
+def test_each_run_gets_its_own_folder_by_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(commands.time, "strftime", lambda fmt, *t: "20250102-030405")  # two runs, one second
+    printed = []
+    for _ in range(2):
+        assert main(["ppl", "--lengths", "256", *FAST]) == 0
+        printed += re.findall(r"^output folder: (.+)$", capsys.readouterr().out, re.M)
+    assert printed == [str(Path("sparse_prefill_out", "ppl", name)) for name in ("20250102-030405",
+                                                                               "20250102-030405-2")]
+    for folder in printed:
+        assert len((tmp_path / folder / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_an_out_folder_holding_results_is_refused_unless_overwrite(tmp_path, monkeypatch, capsys):
+    from sparse_prefill.eval import archs
+
+    assert main(["ppl", "--lengths", "256", "--out", str(tmp_path), *FAST]) == 0
+    results = (tmp_path / "results.jsonl").read_text()
+    (tmp_path / "notes.txt").write_text("mine")
+    real = archs.resolve_model
+    monkeypatch.setattr(archs, "resolve_model", lambda *a, **k: pytest.fail("loaded the model"))
+    capsys.readouterr()
+    assert main(["ppl", "--lengths", "384", "--out", str(tmp_path), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path} already holds results" in err and "results.jsonl" in err and "--overwrite" in err
+    assert (tmp_path / "results.jsonl").read_text() == results
+    monkeypatch.setattr(archs, "resolve_model", real)
+    assert main(["ppl", "--lengths", "384", "--out", str(tmp_path), "--overwrite", *FAST]) == 0
+    assert {json.loads(line)["length"] for line in (tmp_path / "results.jsonl").read_text().splitlines()} == {384}
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only sparse-prefill's own results are replaced
 
 
 def test_fetch_model_lists_the_pins(capsys):

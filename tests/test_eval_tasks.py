@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from sparse_prefill.eval.archs import byte_tokenizer
 from sparse_prefill.eval.haystack import prose_sentences
-from sparse_prefill.eval.tasks import NIAH_TASKS, TASKS, make_example, make_examples
+from sparse_prefill.eval.tasks import NIAH_TASKS, TASKS, TaskDoesNotFit, make_example, make_examples
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -153,11 +153,11 @@ def test_make_examples_covers_the_grid_and_depth_only_for_needle_tasks():
 
 def test_bad_requests_raise_value_errors_that_say_why():
     tok = byte_tokenizer()
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ValueError, match="niah_single does not fit in length=50 .* instruction and question take"):
         make_example("niah_single", tok, 50)
-    with pytest.raises(ValueError, match="cannot hold"):
+    with pytest.raises(ValueError, match="cwe does not fit in length=420 .* the smallest list"):
         make_example("cwe", tok, 420)
-    with pytest.raises(ValueError, match="need"):
+    with pytest.raises(ValueError, match="vt does not fit in length=400 .* the needles"):
         make_example("vt", tok, 400)
     with pytest.raises(ValueError, match="Unknown task"):
         make_example("needle", tok, 500)
@@ -165,3 +165,18 @@ def test_bad_requests_raise_value_errors_that_say_why():
         make_example("passkey", tok, 500, depth=1.5)
     with pytest.raises(ValueError, match="haystack"):
         make_example("passkey", tok, 500, haystack="essays")
+
+
+@pytest.mark.parametrize("task, length", [("niah_multikey", 512), ("niah_multiquery", 600), ("cwe", 300),
+                                          ("vt", 350), ("fwe", 100), ("passkey", 10)])
+def test_a_task_that_does_not_fit_names_itself_its_length_and_the_least_length_that_fits(task, length):
+    tok = byte_tokenizer()
+    with pytest.raises(TaskDoesNotFit) as err:
+        make_example(task, tok, length)
+    least = err.value.least_length
+    assert (err.value.task, err.value.length) == (task, length) and least > length
+    assert f"Task {task} does not fit in length={length} tokens" in str(err.value)
+    assert f"needs at least {least} tokens" in str(err.value)
+    assert len(make_example(task, tok, least).input_ids) == least  # the least length is exact: it fits
+    with pytest.raises(TaskDoesNotFit):
+        make_example(task, tok, least - 1)

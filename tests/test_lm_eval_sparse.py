@@ -48,3 +48,14 @@ def test_our_task_folder_joins_the_include_path_users_give():
                                                                           "--tasks", "x"]
     assert _with_our_tasks(["--include_path=/mine"]) == [f"--include_path=/mine:{ours}"]
     assert _with_our_tasks(["--help"]) == ["--help"]
+
+
+def test_model_args_go_through_the_config_parser():
+    lm = SparseHFLM.create_from_arg_string("pretrained=sparse-prefill-tiny,proxy_heads=q,gamma=0.9,min_seq_len=none",
+                                           {"device": "cpu", "batch_size": 1})
+    assert (lm.sparse_config.proxy_heads, lm.sparse_config.gamma, lm.sparse_config.min_seq_len) == ("q", 0.9, None)
+    assert lm.sparse_config.block_size == 128 and is_patched(lm.model)  # fields not given keep their defaults
+    with pytest.raises(ValueError, match="proxy_heads='x'"):
+        SparseHFLM.create_from_arg_string("pretrained=sparse-prefill-tiny,proxy_heads=x", {"device": "cpu"})
+    with pytest.raises(ValueError, match="Unknown SparsePrefillConfig field 'gama'.*gamma"):
+        SparseHFLM.create_from_arg_string("pretrained=sparse-prefill-tiny,gama=0.9", {"device": "cpu"})

@@ -1,10 +1,12 @@
 """lm-evaluation-harness integration: the `sparse_hf` model and our generated tasks.
 
 `sparse_hf` is lm-eval's HF model (`HFLM`) with `patch_model` applied to what it loads, so any
-lm-eval task runs with sparse prefill; sparse-config fields are model args
-(`--model_args pretrained=DIR,gamma=0.9,block_size=128`). `max_length` is always set explicitly
-(by default the model's context length): lm-eval otherwise cuts long prompts from the left, which
-drops needles. `pretrained` also takes a .gguf file, a pinned model name or `sparse-prefill-tiny`.
+lm-eval task runs with sparse prefill; sparse-config fields are model args, parsed by
+`config_from_options` like the CLI's flags (`--model_args pretrained=DIR,gamma=0.9,proxy_heads=q`;
+`min_seq_len=none` for the automatic threshold; a misspelt field is an error, not an HF argument).
+`max_length` is always set explicitly (by default the model's context length): lm-eval otherwise
+cuts long prompts from the left, which drops needles. `pretrained` also takes a .gguf file, a
+pinned model name or `sparse-prefill-tiny`.
 
 The tasks `sparse_niah`, `sparse_niah_multikey`, `sparse_niah_multivalue`, `sparse_niah_multiquery`,
 `sparse_passkey`, `sparse_vt`, `sparse_cwe`, `sparse_fwe` (group `sparse_ruler`) are task YAMLs in
@@ -38,8 +40,21 @@ from .tasks import make_example
 
 logger = logging.getLogger(__name__)
 
-_CONFIG_FIELDS = {"gamma": float, "block_size": int, "min_budget_tokens": int, "sink_blocks": int,
-                  "local_blocks": int, "stride": int, "min_seq_len": int, "backend": str, "proxy_heads": str}
+
+def _config_args(kwargs: dict) -> dict:
+    """Pop the sparse-config fields out of sparse_hf's model args; a name that is neither an HFLM argument nor a
+    config field but looks like one (a typo: `gama`, `proxy_head`) is kept, so config_from_options names it."""
+    import difflib
+    import inspect
+
+    fields = list(SparsePrefillConfig.__dataclass_fields__)
+    hflm = inspect.signature(HFLM.__init__).parameters
+    config = {}
+    for name in list(kwargs):
+        field = name.replace("-", "_")
+        if field in fields or (name not in hflm and difflib.get_close_matches(field, fields, n=1, cutoff=0.8)):
+            config[name] = kwargs.pop(name)
+    return config
 
 
 def tasks_dir() -> Path:
@@ -57,10 +72,9 @@ class SparseHFLM(HFLM):
     """HFLM whose model runs block-sparse prefill (`sparse=False` keeps it dense, for a baseline)."""
 
     def __init__(self, pretrained=TINY, sparse: bool = True, max_length: int | None = None, **kwargs):
-        fields = {k: cast(kwargs.pop(k)) for k, cast in _CONFIG_FIELDS.items() if k in kwargs}
-        if fields.get("proxy_heads", "kv") != "kv":
-            fields["proxy_heads"] = int(fields["proxy_heads"])
-        self.sparse_config = SparsePrefillConfig(**fields)
+        from ..config import config_from_options
+
+        self.sparse_config = config_from_options(_config_args(kwargs))
         if _ours(pretrained):
             device = kwargs.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
             dtype = kwargs.pop("dtype", None)

@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _grid(rows: list[dict], mode: str, lengths: list[int], depths: list[float]) -> list[list[float | None]]:
@@ -81,13 +83,17 @@ def plot_density_heatmap(layer_head: list[list[float] | None], path: str | Path,
         raise ValueError("plot_density_heatmap needs densities of at least one sparse layer.")
     heads = max(len(row) for row in layer_head if row is not None)
     values = [[float("nan")] * heads if row is None else row for row in layer_head]
-    fig, ax = plt.subplots(figsize=(1.5 + 0.25 * heads, 1.2 + 0.2 * len(values)), constrained_layout=True)
+    # at least 4.8 x 3.2 inches, so that a small model's title, labels and colour bar have room
+    width, height = max(4.8, 2.4 + 0.25 * heads), max(3.2, 1.6 + 0.2 * len(values))
+    fig, ax = plt.subplots(figsize=(width, height), constrained_layout=True)
     image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=ax, label="kept causal blocks (density)")
-    if title:
-        ax.set_title(title, fontsize=10)
+    if title:  # over the whole figure, wrapped to its width (about 12 characters per inch at 10 pt)
+        fig.suptitle(textwrap.fill(title, width=max(24, int(12 * (width - 0.4)))), fontsize=10)
     return _save(fig, path)
 
 
@@ -98,6 +104,6 @@ def _length_label(n: int) -> str:
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.05)  # never cut what sticks out
     plt.close(fig)
     return path

@@ -36,10 +36,10 @@ from ..config import SparsePrefillConfig
 from ..layout import causal_block_limits
 from ..selection.budget import choose_blocks, last_block_mass
 from ..selection.estimate import estimate_block_scores
+from .commands import RECALL_GAMMAS as DEFAULT_GAMMAS
+from .commands import RECALL_POLICIES as POLICY_NAMES
 from .peer_policies import flexprefill_lines, flexprefill_select, xattention_block_mass, xattention_select
 
-DEFAULT_GAMMAS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
-POLICY_NAMES = ("ours", "oracle", "flexprefill", "xattention")
 _ROWS_PER_CHUNK = 256
 
 
@@ -315,36 +315,21 @@ def passkey_prompt(tokenizer, n_tokens: int, depth: float = 0.5, key: int = 6821
 
 # ------------------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `sparse-prefill recall` on the CLI's subparsers."""
-    parser = subparsers.add_parser(
-        "recall", help="captured attention mass vs density of block selection policies on a real model",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="Hugging Face folder, .gguf file, or pinned model name")
-    parser.add_argument("--tokens", type=int, default=8192, help="prompt length (default 8192)")
-    parser.add_argument("--depth", type=float, default=0.5, help="passkey depth in the haystack (0..1)")
-    parser.add_argument("--gammas", default=",".join(map(str, DEFAULT_GAMMAS)),
-                        help="comma-separated gamma values swept by every policy (the oracle's g)")
-    parser.add_argument("--policies", default=",".join(POLICY_NAMES), help=f"any of {', '.join(POLICY_NAMES)}")
-    parser.add_argument("--block-size", type=int, default=SparsePrefillConfig.block_size)
-    parser.add_argument("--min-budget-tokens", type=int, default=SparsePrefillConfig.min_budget_tokens)
-    parser.add_argument("--stride", type=int, default=SparsePrefillConfig.stride)
-    parser.add_argument("--proxy-heads", default=str(SparsePrefillConfig.proxy_heads),
-                        help='"q" (every query head), "kv" (one proxy per KV group) or an int')
-    parser.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
-    parser.add_argument("--device", default=None, help="where the model and policies run (default: cuda if any)")
-    parser.add_argument("--out", default="recall_out", help="folder for recall.json and recall.png")
-    parser.set_defaults(func=run_cli)
-    return parser
+    """Register `sparse-prefill recall` on the CLI's subparsers (the parser itself is in commands.py, so
+    that building the CLI's parser does not import this module, and torch)."""
+    from .commands import add_recall_parser
+
+    return add_recall_parser(subparsers, run_cli)
 
 
 def run_cli(args) -> int:
+    from .commands import check_output, config_from_args, output_dir
     from .models import load_model
 
-    proxy_heads = int(args.proxy_heads) if args.proxy_heads.isdigit() else args.proxy_heads
-    config = SparsePrefillConfig(block_size=args.block_size, min_budget_tokens=args.min_budget_tokens,
-                                 stride=args.stride, proxy_heads=proxy_heads, min_seq_len=0)
+    config = config_from_args(args, SparsePrefillConfig(min_seq_len=0))
     gammas = tuple(float(g) for g in args.gammas.split(","))
     policies = tuple(p.strip() for p in args.policies.split(","))
+    check_output(args.out, "recall", args.overwrite)
     model, tokenizer = load_model(args.model, device=args.device)
     input_ids = passkey_prompt(tokenizer, args.tokens, args.depth)
     layers = capture_queries_and_keys(model, input_ids)
@@ -354,8 +339,7 @@ def run_cli(args) -> int:
     del model
     result = evaluate_layers(layers, config, gammas, policies, device=device)
     result["model"] = str(args.model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, "recall", args.overwrite)
     (out / "recall.json").write_text(json.dumps(result))
     plot_recall(result, out / "recall.png")
     print(summary_table(result))

@@ -75,6 +75,25 @@ class _Spec:
     max_new_tokens: int = 32
 
 
+class ContextTooShort(ValueError):
+    """The context left by instruction and question cannot hold what the task puts in it.
+
+    `what` names it ("the needles", "the smallest list"); `needed` is how many context tokens it takes.
+    """
+
+    def __init__(self, message: str, what: str, needed: int):
+        super().__init__(message)
+        self.what, self.needed = what, needed
+
+
+class TaskDoesNotFit(ValueError):
+    """`task` does not fit in `length` tokens; `least_length` would do (for this tokenizer, seed and depth)."""
+
+    def __init__(self, message: str, task: str, length: int, least_length: int):
+        super().__init__(message)
+        self.task, self.length, self.least_length = task, length, least_length
+
+
 # ---------------------------------------------------------------- tokenization helpers
 
 _SENTENCE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -130,8 +149,8 @@ def haystack_context(tokenizer, haystack: str, budget: int, needles: list[tuple[
     """
     hay_budget = budget - sum(len(ids) for ids, _ in needles)
     if hay_budget < 0:
-        raise ValueError(f"The needles need {budget - hay_budget} tokens but the context has only {budget}; "
-                         "ask for a longer prompt.")
+        raise ContextTooShort(f"The needles need {budget - hay_budget} tokens but the context has only "
+                              f"{max(budget, 0)}; ask for a longer prompt.", "the needles", budget - hay_budget)
     sentences = _sentence_ids(tokenizer, haystack)
     i = rng.randrange(len(sentences)) if haystack != "noise" else 0
     units, filled = [], 0
@@ -169,9 +188,10 @@ def _fit_list(tokenizer, budget: int, build: Callable[[int], list[str]], guess: 
         entries = build(n)
         return [t for ids in tokenizer(entries, add_special_tokens=False)["input_ids"] for t in ids] if entries else []
 
-    if len(ids_for(0)) > budget:
-        raise ValueError(f"A context of {budget} tokens cannot hold the smallest list of this task; ask for a longer "
-                         "prompt.")
+    smallest = len(ids_for(0))
+    if smallest > budget:
+        raise ContextTooShort(f"A context of {max(budget, 0)} tokens cannot hold the smallest list of this task "
+                              f"({smallest} tokens); ask for a longer prompt.", "the smallest list", smallest)
     lo, hi = 0, max(1, guess)
     while len(ids_for(hi)) <= budget:  # grow until too long
         lo, hi = hi, hi * 2
@@ -335,7 +355,8 @@ def make_example(task: str, tokenizer, length: int, depth: float = 0.5, seed: in
                  chat_template: bool | None = None, special_prefix: bool = True) -> Example:
     """Build one prompt of exactly `length` tokens; the asked needle sits at `depth` (0 = start, 1 = end).
 
-    Raises ValueError when the task does not fit in `length` tokens with this tokenizer.
+    Raises TaskDoesNotFit (a ValueError), naming the task, the length and the least length that fits,
+    when the task does not fit in `length` tokens with this tokenizer.
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of: {', '.join(TASKS)}.")
@@ -345,15 +366,20 @@ def make_example(task: str, tokenizer, length: int, depth: float = 0.5, seed: in
     spec = TASKS[task](rng, depth)
     head, tail = frame_ids(tokenizer, spec.instruction, spec.question, spec.answer_prefix, chat_template,
                            special_prefix)
-    budget = length - len(head) - len(tail)
-    if budget <= 0:
-        raise ValueError(f"length={length} is too short for {task}: instruction and question alone take "
-                         f"{len(head) + len(tail)} tokens with this tokenizer.")
-    if spec.words is not None:
-        context, spans = spec.words(tokenizer, budget, rng), []
-    else:
-        needles = [(_encode(tokenizer, text), d) for text, d in spec.needles]
-        context, spans = haystack_context(tokenizer, haystack, budget, needles, rng)
+    framing = len(head) + len(tail)
+    budget = length - framing
+    try:
+        if spec.words is not None:
+            context, spans = spec.words(tokenizer, budget, rng), []
+        else:
+            needles = [(_encode(tokenizer, text), d) for text, d in spec.needles]
+            context, spans = haystack_context(tokenizer, haystack, budget, needles, rng)
+    except ContextTooShort as err:
+        least = framing + err.needed
+        raise TaskDoesNotFit(
+            f"Task {task} does not fit in length={length} tokens: its instruction and question take {framing} tokens "
+            f"with this tokenizer and {err.what} {err.needed} more, so this prompt needs at least {least} tokens.",
+            task, length, least) from None
     offset = len(head)
     ids = tuple(head + context + tail)
     assert len(ids) == length, (len(ids), length)  # construction invariant, not a user error
