@@ -39,6 +39,7 @@ from sparse_prefill.selection.fused_policy import choose_blocks_fused  # noqa: E
 SHAPES = {  # name: (query heads, kv heads, head_dim)
     "llama": (32, 8, 128),  # Llama-3.1-8B
     "qwen05b": (14, 2, 64),  # Qwen2.5-0.5B
+    "phi3": (32, 32, 96),  # Phi-3-mini: head_dim 96, padded to 128 in registers
 }
 VARIANTS = {  # name: config changes
     "q-s16": dict(proxy_heads="q", stride=16),
@@ -202,7 +203,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="llama,qwen05b")
     parser.add_argument("--sizes", default="32768,65536,131072", help="lengths for the llama shape")
-    parser.add_argument("--small-sizes", default="32768", help="lengths for the qwen05b shape")
+    parser.add_argument("--small-sizes", default="32768", help="lengths for the other shapes")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma list of {', '.join(VARIANTS)} or fields written out, e.g. proxy_heads=q+stride=8")
     parser.add_argument("--gamma", type=float, default=0.95)
@@ -250,7 +251,8 @@ def main() -> int:
     for shape in args.shapes.split(","):
         n = max(map(int, (args.sizes if shape == "llama" else args.small_sizes).split(",")))
         swept = [v for v in variants if v == "q-s16"]
-        for row in tile_sweep(shape, n, swept, args.tiles.split(","), args.gamma, args.rep_ms, log):
+        tiles = [t for t in args.tiles.split(",") if t]
+        for row in tile_sweep(shape, n, swept, tiles, args.gamma, args.rep_ms, log) if tiles else []:
             emit(dict(kind="tiles", **row))
             sweep.append(row)
     print("\n| shape | N | variant | tiles | selection ms | estimate ms |")
