@@ -39,12 +39,20 @@ from sparse_prefill.eval.tasks import make_example  # noqa: E402
 from sparse_prefill.patches import unpatch_model  # noqa: E402
 
 CONFIGS = {  # name: SparsePrefillConfig fields (min_seq_len=0: the sparse path runs at every length)
-    "previous": dict(gamma=0.95, proxy_heads="kv", stride=4, min_budget_tokens=2048, exact_tail_tokens=0),
-    "tail": dict(gamma=0.95, proxy_heads="kv", stride=4, min_budget_tokens=2048, exact_tail_tokens=256),
-    "q16": dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256),
-    "q16-notail": dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=0),
-    "q16-lean": dict(gamma=0.85, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256),
-    "q16-tail512": dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=512),
+    "previous": dict(gamma=0.95, proxy_heads="kv", stride=4, min_budget_tokens=2048, exact_tail_tokens=0,
+                     question_blocks=0),
+    "tail": dict(gamma=0.95, proxy_heads="kv", stride=4, min_budget_tokens=2048, exact_tail_tokens=256,
+                 question_blocks=0),
+    "tailcols": dict(gamma=0.95, proxy_heads="kv", stride=4, min_budget_tokens=2048, exact_tail_tokens=256,
+                     question_blocks=8),
+    "q16": dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256,
+                question_blocks=0),
+    "q16-lean": dict(gamma=0.85, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256,
+                     question_blocks=0),
+    "q16cols": dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256,
+                    question_blocks=8),
+    "q16cols16": dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256,
+                      question_blocks=16),
     "default": dict(),
 }
 
@@ -156,7 +164,10 @@ def main() -> int:
     parser.add_argument("--diagnose", default="", help="configs whose every prompt gets the needle probe")
     parser.add_argument("--ttft", type=parse_lengths, default=[])
     parser.add_argument("--ppl", type=parse_lengths, default=[])
+    parser.add_argument("--speed-configs", default="", help="configs for --ttft and --ppl (default: --configs)")
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--dense-from", help="a retrieval.jsonl whose dense rows stand in for running dense again "
+                                             "(greedy decoding of the same prompts is deterministic)")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "."))
     configs = [c for c in args.configs.split(",") if c]
@@ -169,6 +180,12 @@ def main() -> int:
     rows = []
     sink = open(out / "retrieval.jsonl", "a")
     depths = [float(d) for d in args.depths.split(",")]
+    known_dense = {}
+    if args.dense_from:
+        for line in open(args.dense_from):
+            r = json.loads(line)
+            if r.get("mode") == "dense":
+                known_dense[(r["task"], r["length"], r["depth"], r["seed"])] = r
     started = time.time()
     for length in ([] if args.skip_eval else args.lengths):
         for task in args.tasks.split(","):
@@ -176,7 +193,11 @@ def main() -> int:
                 for seed in range(args.seeds):
                     ex = make_example(task, tok, length, depth, seed, args.haystack)
                     base = {"task": task, "length": length, "depth": depth, "seed": seed}
-                    dense = answer(model, tok, ex, "dense", None, hooks=False)
+                    key = (task, length, depth, seed)
+                    if key in known_dense:
+                        dense = {k: known_dense[key][k] for k in ("answer", "score", "ttft_s")}
+                    else:
+                        dense = answer(model, tok, ex, "dense", None, hooks=False)
                     rows.append({**base, "mode": "dense", **dense})
                     for name in configs:
                         got = answer(model, tok, ex, "sparse", config_named(name), hooks=name in diagnose)
@@ -188,10 +209,11 @@ def main() -> int:
     unpatch_model(model)
 
     extra = []
+    speed_configs = [c for c in args.speed_configs.split(",") if c] or configs
     for length in args.ttft:
-        extra += ttft_rows(model, tok, length, configs)
+        extra += ttft_rows(model, tok, length, speed_configs)
     for length in args.ppl:
-        extra += ppl_rows(model, tok, length, configs)
+        extra += ppl_rows(model, tok, length, speed_configs)
     for r in extra:
         sink.write(json.dumps(r) + "\n")
     sink.close()

@@ -7,9 +7,10 @@ from sparse_prefill.config import auto_min_seq_len
 def test_defaults_are_documented_values():
     c = SparsePrefillConfig()
     assert (c.block_size, c.gamma, c.min_budget_tokens, c.sink_blocks, c.local_blocks, c.stride) == (
-        128, 0.95, 2048, 1, 1, 4)
-    assert (c.proxy_heads, c.min_seq_len, c.backend) == ("kv", None, "auto")
-    assert c.min_budget_blocks == 16
+        128, 0.9, 1024, 1, 1, 16)
+    assert (c.proxy_heads, c.min_seq_len, c.backend) == ("q", None, "auto")
+    assert (c.exact_tail_tokens, c.question_blocks) == (256, 8)
+    assert c.min_budget_blocks == 8
     assert c.effective_min_seq_len == auto_min_seq_len(c) == 12288
     assert SparsePrefillConfig(min_budget_tokens=8192).effective_min_seq_len == 32768
 

@@ -68,7 +68,7 @@ def test_chunking_does_not_change_scores(monkeypatch):
 def test_layout_invariants(lq, lk, gamma):
     q, k = qk(b=2, hq=4, hkv=2, lq=lq, lk=lk, seed=lq + lk)
     cfg = SparsePrefillConfig(block_size=64, gamma=gamma, min_budget_tokens=128, sink_blocks=1, local_blocks=1,
-                              min_seq_len=0, exact_tail_tokens=64)
+                              min_seq_len=0, exact_tail_tokens=64, question_blocks=2)
     layout = select_blocks(q, k, cfg)
     mask = layout.to_mask()
     nqb, nkb = mask.shape[-2:]

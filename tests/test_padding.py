@@ -29,7 +29,7 @@ from sparse_prefill.selection.estimate import estimate_block_scores
 EXACT = SparsePrefillConfig(block_size=64, gamma=1.0, min_budget_tokens=0, min_seq_len=0)
 # min_seq_len=150: the 70-token row below is attended densely, as it would be alone.
 TIGHT = SparsePrefillConfig(block_size=64, gamma=0.3, min_budget_tokens=0, min_seq_len=150, local_blocks=0,
-                            exact_tail_tokens=0)  # short test prompts: keep every row sparse
+                            exact_tail_tokens=0, question_blocks=0)  # short test prompts: keep rows sparse
 LENGTHS = (330, 200, 70)
 
 

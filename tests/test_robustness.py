@@ -25,7 +25,7 @@ from sparse_prefill.patches import transformers_attention as glue
 
 EXACT = SparsePrefillConfig(block_size=64, gamma=1.0, min_budget_tokens=0, min_seq_len=0)
 TIGHT = SparsePrefillConfig(block_size=64, gamma=0.3, min_budget_tokens=0, min_seq_len=0, local_blocks=0,
-                            exact_tail_tokens=0)  # short test prompts: keep every row sparse
+                            exact_tail_tokens=0, question_blocks=0)  # short test prompts: keep rows sparse
 PROMPT = torch.randint(3, 128, (1, 300), generator=torch.Generator().manual_seed(3))
 
 

@@ -8,7 +8,7 @@ from sparse_prefill.selection.estimate import BlockScores, estimate_block_scores
 
 BS, N_BLOCKS = 64, 12
 CFG = SparsePrefillConfig(block_size=BS, gamma=0.9, min_budget_tokens=0, sink_blocks=1, local_blocks=0,
-                          exact_tail_tokens=0)  # rules 1-3 alone; the exact tail is tested below
+                          exact_tail_tokens=0, question_blocks=0)  # rules 1-3 alone; 4 and 5 are tested below
 
 
 def peaked_rows(n_qb, n_kb, favourite):
@@ -77,3 +77,18 @@ def test_the_exact_tail_keeps_every_causal_block_of_the_last_queries():
     # A short last block: the tail is counted in queries, so it reaches into the block before.
     keep = choose_blocks(scores, mass[:, :, -1], CFG.replace(exact_tail_tokens=BS), n - 40, n - 40)
     assert keep[0, 0, -2, :N_BLOCKS - 1].all() and keep[0, 0, -1].all()
+
+
+def test_question_columns_reach_every_later_row():
+    """A needle the last block reads (block 5 here) is kept by every row that can see it, even rows whose
+    own estimate ranks it nowhere."""
+    mass = peaked_rows(N_BLOCKS, N_BLOCKS, favourite=2)  # every row's estimate favours block 2
+    last = torch.zeros(1, 1, N_BLOCKS)
+    last[..., 5], last[..., 7], last[..., 0], last[..., -1] = 0.5, 0.2, 0.2, 0.1
+    scores = BlockScores(score=mass, mass=mass, heads_per_proxy=1)
+    n = N_BLOCKS * BS
+    for k, columns in ((0, []), (1, [5]), (2, [5, 7])):
+        keep = choose_blocks(scores, last, CFG.replace(question_blocks=k), n, n)
+        for i in range(N_BLOCKS - 1):
+            for col in (5, 7):
+                assert bool(keep[0, 0, i, col]) == (col in columns and col <= i or col == i), (k, i, col)

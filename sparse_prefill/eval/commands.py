@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-TINY_PRESET = {"block_size": 64, "min_budget_tokens": 256, "exact_tail_tokens": 64}
+TINY_PRESET = {"block_size": 64, "min_budget_tokens": 256, "exact_tail_tokens": 64, "question_blocks": 2}
 # The tiny and --arch models spell prompts byte by byte: a task whose needles or list take more than fits in
 # 512 tokens starts its default lengths here (the smallest round length that fits every seed and haystack).
 TINY_MIN_LENGTH = {"niah_multikey": 768, "niah_multivalue": 768, "niah_multiquery": 768, "cwe": 768}

@@ -16,6 +16,9 @@ Policy (each row is one (head, query block)); `choose_blocks` applies it, on any
    block. The question of a prompt sits there and the last query decides the first answer token;
    an estimate averaged over a block's rows can rank a needle the question reads below the
    coverage threshold (bench/RESULTS.md, "Selection that keeps dense's answers").
+5. *Question columns.* Each head's `question_blocks` key blocks of largest exact last-block mass
+   (beyond the always-kept ones) are kept in every row that can see them: the needles the question
+   reads, for the rows that mention them again later.
 
 On real models (bench/RESULTS.md, "Block selection"), fed per-head estimates (`proxy_heads="q"`),
 this keeps a captured attention mass of 0.95 at about the density of the per-row oracle; fed one
@@ -154,6 +157,11 @@ def choose_blocks(scores: BlockScores, last_mass: torch.Tensor, config: SparsePr
     mask = (rank[:, proxy_of_head] < budget[..., None]) & causal
     last_floor = torch.minimum(torch.maximum(exact_need, floor[-1]), limits[-1])
     mask[:, :, -1] |= (last_rank < last_floor[..., None]) & causal[-1]
+
+    # Rule 5: the top non-forced blocks of the exact last-block ranking, in every row that can see them.
+    n_last = n_forced[-1]
+    columns = (last_rank >= n_last) & (last_rank < n_last + config.question_blocks) & causal[-1] & ~forced[-1]
+    mask |= columns[:, :, None, :] & causal
 
     # Rule 4.
     mask[:, :, exact_tail_start(n_qb, q_len, config):] = causal[exact_tail_start(n_qb, q_len, config):]

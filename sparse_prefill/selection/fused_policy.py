@@ -6,9 +6,11 @@ launches over tensors of that size. Here one program handles one row (one head, 
 registers and writes its `counts` and ascending `indices` directly:
 
   `_calibrate_heads_kernel`  per head: blocks the exact last-block attention needs, blocks the
-                             estimate said for that row, and the shortfall between them (rule 2)
+                             estimate said for that row, and the shortfall between them (rule 2);
+                             the question columns (rule 5)
   `_choose_rows_kernel`      per row: coverage count (rule 1) + shortfall, floors and caps (rule 3),
-                             the top blocks, the exact last-row blocks, compaction
+                             the top blocks, the exact last-row blocks, the question columns, the
+                             exact tail (rule 4), compaction
 
 "Largest first" needs no sort: masses are >= 0, so their fp32 bit patterns order like the values
 and a 31-step bisection over the bits finds the threshold; ties go to the lower block index, as the
@@ -92,11 +94,12 @@ def _top(mass, eligible, n):
 
 @triton.jit
 def _calibrate_heads_kernel(
-    mass_ptr, last_mass_ptr, shortfall_ptr, exact_need_ptr,
+    mass_ptr, last_mass_ptr, shortfall_ptr, exact_need_ptr, columns_ptr,
     n_heads, heads_per_proxy, n_proxies, n_q_blocks, n_k_blocks, q_len, k_len, gamma, sink, local,
-    BLOCK: tl.constexpr, NKB: tl.constexpr,
+    question_blocks, BLOCK: tl.constexpr, NKB: tl.constexpr,
 ):
-    """Rule 2 per head: exact need of the last query block, and how far the estimate's count fell short."""
+    """Rules 2 and 5 per head: exact need of the last query block, how far the estimate's count fell short,
+    and the question columns (the top non-forced blocks of the exact last block)."""
     pid_bh = tl.program_id(0)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     cols = tl.arange(0, NKB)
@@ -110,11 +113,13 @@ def _calibrate_heads_kernel(
     need = _cover(exact, forced, eligible, gamma)
     tl.store(exact_need_ptr + pid_bh, need)
     tl.store(shortfall_ptr + pid_bh, tl.maximum(need - _cover(estimated, forced, eligible, gamma), 0))
+    columns = _top(exact, eligible, question_blocks)
+    tl.store(columns_ptr + pid_bh * n_k_blocks + cols, columns.to(tl.int8), mask=in_row)
 
 
 @triton.jit
 def _choose_rows_kernel(
-    mass_ptr, last_mass_ptr, shortfall_ptr, exact_need_ptr, counts_ptr, indices_ptr,
+    mass_ptr, last_mass_ptr, shortfall_ptr, exact_need_ptr, columns_ptr, counts_ptr, indices_ptr,
     n_heads, heads_per_proxy, n_proxies, n_q_blocks, n_k_blocks, q_len, k_len, gamma, sink, local, min_blocks,
     tail_start, BLOCK: tl.constexpr, NKB: tl.constexpr,
 ):
@@ -136,6 +141,7 @@ def _choose_rows_kernel(
         exact = tl.load(last_mass_ptr + pid_bh * n_k_blocks + cols, mask=in_row, other=0.0)
         last_budget = tl.minimum(tl.maximum(tl.load(exact_need_ptr + pid_bh), floor), limit)
         keep = keep | _top(exact, eligible, last_budget - n_forced)
+    keep = keep | (causal & (tl.load(columns_ptr + pid_bh * n_k_blocks + cols, mask=in_row, other=0) != 0))
     if i >= tail_start:  # the exact tail keeps every causal block
         keep = causal
     count = tl.sum(keep.to(tl.int32))
@@ -159,11 +165,13 @@ def choose_blocks_fused(scores: BlockScores, last_mass: torch.Tensor, config, q_
                 config.sink_blocks, config.local_blocks)
     shortfall = torch.empty(b * hq, dtype=torch.int32, device=device)
     exact_need = torch.empty_like(shortfall)
-    _calibrate_heads_kernel[(b * hq,)](mass, last_mass, shortfall, exact_need, *geometry,
-                                        BLOCK=config.block_size, NKB=nkb_pow2, num_warps=warps)
+    columns = torch.empty(b * hq, n_kb, dtype=torch.int8, device=device)
+    _calibrate_heads_kernel[(b * hq,)](mass, last_mass, shortfall, exact_need, columns, *geometry,
+                                        config.question_blocks, BLOCK=config.block_size, NKB=nkb_pow2,
+                                        num_warps=warps)
     counts = torch.empty(b, hq, n_qb, dtype=torch.int32, device=device)
     indices = torch.empty(b, hq, n_qb, n_kb, dtype=torch.int32, device=device)
-    _choose_rows_kernel[(b * hq, n_qb)](mass, last_mass, shortfall, exact_need, counts, indices, *geometry,
+    _choose_rows_kernel[(b * hq, n_qb)](mass, last_mass, shortfall, exact_need, columns, counts, indices, *geometry,
                                         config.min_budget_blocks, exact_tail_start(n_qb, q_len, config),
                                         BLOCK=config.block_size, NKB=nkb_pow2,
                                         num_warps=warps)
