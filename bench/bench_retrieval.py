@@ -155,6 +155,7 @@ def ppl_rows(model, tok, length: int, configs: list[str], tail: int = 2048) -> l
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
+    parser.add_argument("--yarn", type=float, help="YaRN rope scaling factor (e.g. 4 for 128K on Qwen2.5)")
     parser.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery")
     parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("16k,24k,32k"))
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
@@ -172,7 +173,7 @@ def main() -> int:
     out = Path(os.environ.get("OUT", "."))
     configs = [c for c in args.configs.split(",") if c]
     diagnose = {c for c in args.diagnose.split(",") if c}
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, yarn=args.yarn)
     model.eval()
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"model {args.model} {next(model.parameters()).dtype} on {card}", flush=True)

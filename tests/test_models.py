@@ -132,3 +132,29 @@ def test_a_pinned_name_loads_its_converted_folder_from_the_cache(fake_pin, tmp_p
     byte_tokenizer().save_pretrained(folder)
     model, _ = load_model("fake", device="cpu")  # no download: the converted folder is there
     assert model.config.num_hidden_layers == 2
+
+
+def test_yarn_scales_the_rope_over_the_trained_context_and_nothing_else(tmp_path):
+    import transformers
+
+    from sparse_prefill.eval.models import with_yarn
+
+    config = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                      max_position_embeddings=32768)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path / "q")
+    byte_tokenizer().save_pretrained(tmp_path / "q")
+    plain, _ = load_model(tmp_path / "q", device="cpu")
+    scaled, _ = load_model(tmp_path / "q", device="cpu", yarn=4.0)
+    rope = scaled.config.rope_parameters
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 4.0, 32768)
+    assert scaled.config.max_position_embeddings == 131072 and plain.config.max_position_embeddings == 32768
+    for (name, a), (_, b) in zip(plain.state_dict().items(), scaled.state_dict().items(), strict=True):
+        if "rotary" not in name:
+            assert torch.equal(a, b), name  # the weights are the same; only the positions are scaled
+    ids = torch.randint(0, 256, (1, 64))
+    with torch.inference_mode():
+        assert not torch.allclose(plain(ids).logits, scaled(ids).logits)
+    with pytest.raises(ValueError, match="factor must be > 1"):
+        with_yarn(config, 1.0)

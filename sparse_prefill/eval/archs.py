@@ -87,8 +87,10 @@ def tiny_model(dtype=None, device=None):
     return random_model(_TINY_ARCH, dtype=dtype, device=device), byte_tokenizer()
 
 
-def resolve_model(model: str | None = None, arch: str | None = None, dtype=None, device=None):
-    """(model, tokenizer, name) for the CLI: `--arch` random weights, `--model` path or pin, else tiny."""
+def resolve_model(model: str | None = None, arch: str | None = None, dtype=None, device=None,
+                  yarn: float | None = None):
+    """(model, tokenizer, name) for the CLI: `--arch` random weights, `--model` path or pin, else tiny.
+    `yarn` applies to trained models only (`models.load_model`)."""
     if model and arch:
         raise ValueError("Pass either --model (trained weights) or --arch (random weights), not both.")
     if arch:
@@ -97,8 +99,8 @@ def resolve_model(model: str | None = None, arch: str | None = None, dtype=None,
         return (*tiny_model(dtype=dtype, device=device), f"{TINY} (random weights)")
     from .models import load_model
 
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    return loaded, tokenizer, str(model)
+    loaded, tokenizer = load_model(model, dtype=dtype, device=device, yarn=yarn)
+    return loaded, tokenizer, str(model) + (f" (YaRN x{yarn:g})" if yarn else "")
 
 
 def is_random(name: str) -> bool:

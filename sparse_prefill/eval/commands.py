@@ -59,6 +59,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="default: bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--yarn", type=float, metavar="FACTOR",
+                   help="load --model with YaRN rope scaling by FACTOR over its trained context (e.g. 4 takes "
+                        "Qwen2.5's 32K to 128K, as its model card documents)")
 
 
 # Every SparsePrefillConfig field as a flag: (metavar, help). Values stay strings until config_from_options.
@@ -181,7 +184,8 @@ class _Session:
         self.config = config_from_args(args, SparsePrefillConfig(**TINY_PRESET) if self.tiny else None)
         check_output(args.out, args.command, args.overwrite)
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        self.model, self.tokenizer, self.name = resolve_model(args.model, args.arch, dtype=dtype, device=args.device)
+        self.model, self.tokenizer, self.name = resolve_model(args.model, args.arch, dtype=dtype, device=args.device,
+                                                                 yarn=getattr(args, "yarn", None))
         self.random = is_random(self.name)
         self.device = next(self.model.parameters()).device
         self._out, self._out_args = None, (args.out, args.command, args.overwrite)
@@ -430,6 +434,8 @@ def run_fetch_model(args) -> int:
 # ---------------------------------------------------------------- parsers
 
 def add_parsers(subparsers) -> None:
+    """Every subcommand's parser, one short block each, kept together so that all flags read in one place
+    (long for that reason; the shared groups are the _add_*_args helpers above)."""
     from .tasks import TASKS
 
     p = subparsers.add_parser("niah", help="needle in a haystack: accuracy over length x depth, dense vs sparse",
@@ -530,6 +536,7 @@ def add_recall_parser(subparsers, func) -> argparse.ArgumentParser:
                      "selection config (defaults: the library's; --gammas sweeps gamma)")
     p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
     p.add_argument("--device", default=None, help="where the model and policies run (default: cuda if any)")
+    p.add_argument("--yarn", type=float, metavar="FACTOR", help="YaRN rope scaling factor (see `niah --help`)")
     _add_output_args(p, "recall", progress=False)
     p.set_defaults(func=func)
     return p

@@ -193,22 +193,42 @@ def cached_model_path(name: str, fetch: bool = True) -> Path:
     return fetch_model(name, path.parent)
 
 
-def load_model(path: str | os.PathLike, dtype=None, device=None):
+def load_model(path: str | os.PathLike, dtype=None, device=None, yarn: float | None = None):
     """(model, tokenizer) from a local Hugging Face folder, a .gguf file, or a pinned model name.
 
     dtype defaults to float32 on CPU and bfloat16 on CUDA; the model is put in eval mode on `device`
-    (default: CUDA when available). GGUF weights are dequantised to `dtype` on load.
+    (default: CUDA when available). GGUF weights are dequantised to `dtype` on load. `yarn` (a factor,
+    e.g. 4.0) loads the model with YaRN rope scaling over its trained context (`with_yarn`), as the
+    Qwen2.5 model cards document for prompts past 32K; nothing else of the model changes.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source, extra = _source(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model_extra = _dequantize_gguf() if extra else {}
+    if yarn is not None:
+        model_extra["config"] = with_yarn(AutoConfig.from_pretrained(source, **extra), yarn)
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **model_extra)
     return model.to(device).eval(), tokenizer
+
+
+def with_yarn(config, factor: float):
+    """`config` with YaRN rope scaling by `factor` over its trained context (its max_position_embeddings):
+    {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": that context}."""
+    if not factor > 1:
+        raise ValueError(f"the YaRN factor must be > 1 (e.g. 4.0 for 4x the trained context); got {factor}.")
+    original = config.max_position_embeddings
+    yarn = {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": original}
+    parameters = getattr(config, "rope_parameters", None)
+    if isinstance(parameters, dict):  # transformers >= 5: rope settings live in rope_parameters
+        config.rope_parameters = {**parameters, **yarn}
+    else:
+        config.rope_scaling = {"type": "yarn", **yarn}
+    config.max_position_embeddings = int(original * factor)
+    return config
 
 
 def load_tokenizer(path: str | os.PathLike):

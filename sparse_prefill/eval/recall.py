@@ -330,7 +330,7 @@ def run_cli(args) -> int:
     gammas = tuple(float(g) for g in args.gammas.split(","))
     policies = tuple(p.strip() for p in args.policies.split(","))
     check_output(args.out, "recall", args.overwrite)
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=args.device, yarn=getattr(args, "yarn", None))
     input_ids = passkey_prompt(tokenizer, args.tokens, args.depth)
     layers = capture_queries_and_keys(model, input_ids)
     if args.layers:
