@@ -71,6 +71,8 @@ CONFIG_FLAGS = {
     "min_budget_tokens": ("N", "least key tokens every (head, query block) keeps"),
     "sink_blocks": ("N", "leading key blocks always kept"),
     "local_blocks": ("N", "key blocks before the diagonal always kept"),
+    "exact_tail_tokens": ("N", "the query blocks of the last N queries attend every key block (0: off)"),
+    "question_blocks": ("N", "each head's N blocks most read by its exact last block, kept for every later row"),
     "stride": ("S", "the estimate averages runs of S queries and keys; must divide the block size"),
     "proxy_heads": ("q|kv|N", '"q": estimate every query head, "kv": one proxy per KV group, or a number of proxies'),
     "min_seq_len": ("N|auto", "prompts shorter than this stay dense (default 0 here: evaluate the sparse path at "
@@ -81,7 +83,8 @@ CONFIG_FLAGS = {
 
 def _add_config_args(p: argparse.ArgumentParser, fields=tuple(CONFIG_FLAGS), title: str | None = None) -> None:
     g = p.add_argument_group(title or "sparse prefill config (defaults: the library's; the tiny default model "
-                                      "uses block 64 and a 256-token minimum budget)")
+                                      "uses block 64, a 256-token minimum budget, a 64-token exact tail and 2 "
+                                      "question blocks)")
     for field in fields:
         metavar, text = CONFIG_FLAGS[field]
         default = "0" if field == "min_seq_len" else None
@@ -532,7 +535,8 @@ def add_recall_parser(subparsers, func) -> argparse.ArgumentParser:
     p.add_argument("--gammas", default=",".join(map(str, RECALL_GAMMAS)),
                    help="comma-separated gamma values swept by every policy (the oracle's g)")
     p.add_argument("--policies", default=",".join(RECALL_POLICIES), help=f"any of {', '.join(RECALL_POLICIES)}")
-    _add_config_args(p, ("block_size", "min_budget_tokens", "sink_blocks", "local_blocks", "stride", "proxy_heads"),
+    _add_config_args(p, ("block_size", "min_budget_tokens", "sink_blocks", "local_blocks", "exact_tail_tokens",
+                         "question_blocks", "stride", "proxy_heads"),
                      "selection config (defaults: the library's; --gammas sweeps gamma)")
     p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
     p.add_argument("--device", default=None, help="where the model and policies run (default: cuda if any)")
