@@ -38,22 +38,18 @@ from sparse_prefill.eval.scoring import score  # noqa: E402
 from sparse_prefill.eval.tasks import make_example  # noqa: E402
 from sparse_prefill.patches import unpatch_model  # noqa: E402
 
+_PREVIOUS = dict(gamma=0.95, proxy_heads="kv", stride=4, min_budget_tokens=2048, exact_tail_tokens=0,
+                 question_blocks=0)  # the defaults before the exact tail and the question columns
+_Q16 = dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256, question_blocks=0)
 CONFIGS = {  # name: SparsePrefillConfig fields (min_seq_len=0: the sparse path runs at every length)
-    "previous": dict(gamma=0.95, proxy_heads="kv", stride=4, min_budget_tokens=2048, exact_tail_tokens=0,
-                     question_blocks=0),
-    "tail": dict(gamma=0.95, proxy_heads="kv", stride=4, min_budget_tokens=2048, exact_tail_tokens=256,
-                 question_blocks=0),
-    "tailcols": dict(gamma=0.95, proxy_heads="kv", stride=4, min_budget_tokens=2048, exact_tail_tokens=256,
-                     question_blocks=8),
-    "q16": dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256,
-                question_blocks=0),
-    "q16-lean": dict(gamma=0.85, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256,
-                     question_blocks=0),
-    "q16cols": dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256,
-                    question_blocks=8),
-    "q16cols16": dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256,
-                      question_blocks=16),
-    "default": dict(),
+    "previous": _PREVIOUS,
+    "tail": {**_PREVIOUS, "exact_tail_tokens": 256},
+    "tailcols": {**_PREVIOUS, "exact_tail_tokens": 256, "question_blocks": 8},
+    "q16": _Q16,
+    "q16-lean": {**_Q16, "gamma": 0.85},
+    "q16cols": {**_Q16, "question_blocks": 8},  # = the package defaults since 2026-12-02
+    "q16cols16": {**_Q16, "question_blocks": 16},
+    "default": {},
 }
 
 
