@@ -34,7 +34,7 @@ from sparse_prefill.eval.models import load_model  # noqa: E402
 from sparse_prefill.eval.needles import NeedleProbe, question_rows, relevant_needles  # noqa: E402
 from sparse_prefill.eval.recording import LayoutRecorder, intercept_layouts, num_layers  # noqa: E402
 from sparse_prefill.eval.runner import greedy_answer, set_mode  # noqa: E402
-from sparse_prefill.eval.scoring import score  # noqa: E402
+from sparse_prefill.eval.scoring import paired_difference, score, wilson_interval  # noqa: E402
 from sparse_prefill.eval.tasks import make_example  # noqa: E402
 from sparse_prefill.patches import unpatch_model  # noqa: E402
 
@@ -55,24 +55,6 @@ CONFIGS = {  # name: SparsePrefillConfig fields (min_seq_len=0: the sparse path 
 
 def config_named(name: str) -> SparsePrefillConfig:
     return SparsePrefillConfig(min_seq_len=0, **CONFIGS[name])
-
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion (partial scores count as fractional successes)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired(diffs: list[float], z: float = 1.96) -> tuple[float, float, float]:
-    """Mean of paired differences and its 95 % normal interval."""
-    n = len(diffs)
-    mean = sum(diffs) / n
-    sd = statistics.stdev(diffs) if n > 1 else 0.0
-    return mean, mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)
 
 
 def answer(model, tok, example, mode: str, config, hooks) -> dict:
@@ -229,6 +211,11 @@ def main() -> int:
                     heads = statistics.mean(x["heads_dropping"] / x["heads"] for x in g)
                     print(f"  {name:12s} {label}: n={len(g):3d} mass dropped {drop:.3f} kept {keep:.3f} "
                           f"share of heads dropping the needle {heads:.3f}")
+                    linked = [x for x in g if "link_mass_dropped" in x]
+                    if linked:
+                        print(f"  {'':12s} {label}: later mentions over earlier ones: mass dropped "
+                              f"{statistics.mean(x['link_mass_dropped'] for x in linked):.3f} kept "
+                              f"{statistics.mean(x['link_mass_kept'] for x in linked):.3f}")
         for r in lost[:12]:
             print(f"  lost {r['mode']} {r['task']} {r['length']} d{r['depth']} s{r['seed']}: "
                   f"{r['needles']['worst_dropped'][:3]}")
@@ -247,9 +234,9 @@ def main() -> int:
                 if not m:
                     continue
                 acc = sum(r["score"] for r in m) / len(m)
-                lo, hi = wilson(sum(r["score"] for r in m), len(m))
+                lo, hi = wilson_interval(sum(r["score"] for r in m), len(m))
                 diff = "" if mode == "dense" else "{:+.3f} [{:+.3f}, {:+.3f}]".format(
-                    *paired([r["score"] - r["dense_score"] for r in m]))
+                    *paired_difference([r["score"] - r["dense_score"] for r in m]))
                 dens = "" if mode == "dense" else f"{statistics.mean(r['density'] for r in m):.3f}"
                 print(f"| {task} | {length} | {mode} | {len(m)} | {acc:.3f} [{lo:.2f}, {hi:.2f}] | {diff} | {dens} |")
     return 0

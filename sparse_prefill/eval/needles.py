@@ -12,6 +12,8 @@ selection chose with the exact attention of the question's rows:
 
 A lost answer whose needle mass sat in heads with kept=False points at the selection; one whose
 needle was kept everywhere points elsewhere (the approximated middle rows, or the model itself).
+With several needles the same two numbers are also taken for each later needle's rows over the
+earlier needles (`link_*`): the rows of a needle's own later mentions.
 """
 
 from __future__ import annotations
@@ -39,39 +41,65 @@ class NeedleProbe:
     def __call__(self, layer, q: torch.Tensor, k: torch.Tensor, layout: BlockLayout) -> BlockLayout:
         if layer is None or q.shape[0] != 1 or q.shape[2] != k.shape[2]:
             return layout  # the probe reads whole-prompt, single-row prefill only
-        start, end = self.question
-        hq, hkv, length = q.shape[1], k.shape[1], k.shape[2]
-        bs = layout.block_size
-        rows = q[0, :, start:end].float() / q.shape[-1] ** 0.5  # [Hq, R, D]; scale as sdpa's default
-        keys = k[0].float().repeat_interleave(hq // hkv, dim=0)  # [Hq, L, D]
-        logits = rows @ keys.transpose(-1, -2)
-        visible = torch.arange(length, device=q.device)[None] <= torch.arange(start, end, device=q.device)[:, None]
-        probs = torch.softmax(logits.masked_fill(~visible, -float("inf")), -1)  # [Hq, R, L]
-        needle = torch.zeros(length, dtype=torch.bool, device=q.device)
-        for s, e in self.needle_spans:
-            needle[s:e] = True
-        mass = probs[..., needle].sum(-1).mean(-1)  # [Hq]
-        blocks = torch.unique(torch.nonzero(needle).flatten() // bs)
-        q_blocks = torch.arange(start // bs, (end - 1) // bs + 1, device=q.device)
-        kept = layout.to_mask()[0][:, q_blocks][:, :, blocks].flatten(1).all(-1)  # [Hq]
-        self.layers[layer] = {"mass": mass.cpu().tolist(), "kept": kept.cpu().tolist()}
+        kept_mask = layout.to_mask()[0]  # [Hq, Qb, Kb]
+        mass, kept = _reading(q, k, kept_mask, layout.block_size, self.question, self.needle_spans)
+        record = {"mass": mass, "kept": kept}
+        needles = sorted(self.needle_spans)
+        if len(needles) > 1:  # each later mention's rows over the earlier mentions
+            links = [_reading(q, k, kept_mask, layout.block_size, later, needles[:i])
+                     for i, later in enumerate(needles) if i > 0]
+            record["link_mass"] = [sum(m[h] for m, _ in links) for h in range(q.shape[1])]
+            record["link_kept"] = [all(ok[h] for _, ok in links) for h in range(q.shape[1])]
+        self.layers[layer] = record
         return layout
 
     def summary(self) -> dict:
-        """Needle mass in dropped vs kept (layer, head) pairs, and the worst dropped ones."""
-        dropped, kept, worst = 0.0, 0.0, []
-        for layer, rec in sorted(self.layers.items()):
-            for head, (m, ok) in enumerate(zip(rec["mass"], rec["kept"], strict=True)):
-                if ok:
-                    kept += m
-                else:
-                    dropped += m
-                    worst.append((m, layer, head))
-        worst.sort(reverse=True)
-        heads = sum(len(rec["mass"]) for rec in self.layers.values())
-        return {"needle_mass_dropped": dropped, "needle_mass_kept": kept,
-                "heads_dropping": len(worst), "heads": heads,
-                "worst_dropped": [{"layer": la, "head": h, "mass": round(m, 4)} for m, la, h in worst[:5]]}
+        """Needle mass in dropped vs kept (layer, head) pairs, the worst dropped ones, and the same for the
+        later mentions' rows over the earlier ones (several needles only)."""
+        out = _split(self.layers, "mass", "kept")
+        out["worst_dropped"] = out.pop("worst")
+        if any("link_mass" in rec for rec in self.layers.values()):
+            link = _split(self.layers, "link_mass", "link_kept")
+            out.update(link_mass_dropped=link["dropped"], link_mass_kept=link["kept"],
+                       link_heads_dropping=link["heads_dropping"], link_worst_dropped=link["worst"])
+        out["needle_mass_dropped"], out["needle_mass_kept"] = out.pop("dropped"), out.pop("kept")
+        return out
+
+
+def _reading(q, k, kept_mask, block_size: int, rows: tuple[int, int], targets) -> tuple[list, list]:
+    """Per head: the exact softmax mass rows [start, end) put on the target spans, and whether every key
+    block holding target tokens is kept for every query block of those rows."""
+    start, end = rows
+    hq, hkv, length = q.shape[1], k.shape[1], k.shape[2]
+    queries = q[0, :, start:end].float() / q.shape[-1] ** 0.5  # [Hq, R, D]; sdpa's default scale
+    keys = k[0].float().repeat_interleave(hq // hkv, dim=0)  # [Hq, L, D]
+    visible = torch.arange(length, device=q.device)[None] <= torch.arange(start, end, device=q.device)[:, None]
+    probs = torch.softmax((queries @ keys.transpose(-1, -2)).masked_fill(~visible, -float("inf")), -1)
+    target = torch.zeros(length, dtype=torch.bool, device=q.device)
+    for s, e in targets:
+        target[s:e] = True
+    mass = probs[..., target].sum(-1).mean(-1)  # [Hq]
+    blocks = torch.unique(torch.nonzero(target).flatten() // block_size)
+    q_blocks = torch.arange(start // block_size, (end - 1) // block_size + 1, device=q.device)
+    kept = kept_mask[:, q_blocks][:, :, blocks].flatten(1).all(-1)  # [Hq]
+    return mass.cpu().tolist(), kept.cpu().tolist()
+
+
+def _split(layers: dict, mass_key: str, kept_key: str) -> dict:
+    dropped, kept, worst, heads = 0.0, 0.0, [], 0
+    for layer, rec in sorted(layers.items()):
+        if mass_key not in rec:
+            continue
+        heads += len(rec[mass_key])
+        for head, (m, ok) in enumerate(zip(rec[mass_key], rec[kept_key], strict=True)):
+            if ok:
+                kept += m
+            else:
+                dropped += m
+                worst.append((m, layer, head))
+    worst.sort(reverse=True)
+    return {"dropped": dropped, "kept": kept, "heads_dropping": len(worst), "heads": heads,
+            "worst": [{"layer": la, "head": h, "mass": round(m, 4)} for m, la, h in worst[:5]]}
 
 
 def relevant_needles(example) -> list[tuple[int, int]]:

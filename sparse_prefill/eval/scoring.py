@@ -7,7 +7,9 @@ numbers, must be the references in order and nothing else (punctuation and "and"
 
 from __future__ import annotations
 
+import math
 import re
+import statistics
 
 METRICS = ("contains", "exact")
 
@@ -40,3 +42,22 @@ def score(output: str, answers, metric: str = "contains") -> float:
     if metric == "exact":
         return score_exact(output, answers)
     raise ValueError(f"Unknown metric {metric!r}; choose one of: {', '.join(METRICS)}.")
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion; partial scores count as fractional successes."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(diffs: list[float], z: float = 1.96) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of paired differences (sparse - dense on the same prompts) and its 95 %
+    normal interval. Pairing removes the prompts' own difficulty, so it is far tighter than two intervals."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    half = z * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else 0.0
+    return mean, mean - half, mean + half
