@@ -218,7 +218,7 @@ def _head_counts(module: torch.nn.Module, model_config) -> tuple[int, int] | Non
 
 
 def _check_heads(attention_modules, model_config, config: SparsePrefillConfig) -> None:
-    """Refuse a `proxy_heads` that no layer's head counts fit, now rather than at the first long forward."""
+    """Refuse a `proxy_heads` that some layer's head counts do not fit, now rather than at the first long forward."""
     for module in attention_modules:
         counts = _head_counts(module, model_config)
         if counts is not None:
