@@ -81,7 +81,8 @@ def default_config(head_dim: int, block_size: int, q: torch.Tensor) -> KernelCon
 
 
 @triton.jit
-def _tanh(x):
+def tanh(x):
+    """tanh through the sigmoid (Triton has no tanh of its own on every version); soft-capping uses it."""
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
@@ -155,7 +156,7 @@ def _attend_tiles(
         # -- scores in log2 units --------------------------------------------------------------------
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_SOFTCAP:
-            s = softcap_log2 * _tanh(s * softcap_arg)
+            s = softcap_log2 * tanh(s * softcap_arg)
         else:
             s = s * qk_scale
         if MASKED:

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kernels.triton_attention import tanh
 from .estimate import BlockScores, num_proxies
 
 _LOG2E = 1.4426950408889634
@@ -38,11 +39,6 @@ TILE_M = 64  # pooled query rows per program tile
 TILE_N = 64  # pooled keys per loop step
 NUM_WARPS = 4
 POOL_GROUPS = 32  # pooled groups per program of the pooling kernel
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -62,7 +58,7 @@ def _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, b, k_head, col0, n_cols, k_len
     k_tile = tl.load(k_ptrs, mask=(cols < n_cols)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     s = tl.dot(q_tile, tl.trans(k_tile)).to(tl.float32)
     if HAS_SOFTCAP:
-        s = softcap_log2 * _tanh(s / softcap_log2)
+        s = softcap_log2 * tanh(s / softcap_log2)
     visible = col_ok[None, :] & (col_pos[None, :] <= row_pos[:, None])
     return tl.where(visible, s, float("-inf"))
 
@@ -191,6 +187,11 @@ def _pooled_probs_kernel(
         tl.store(mass_ptr + out_base + k_block[None, :], mass, mask=ok)
 
 
+def _padded(head_dim: int) -> int:
+    """The register width of a head: the next power of two, at least 16 (what tl.dot takes)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 @functools.cache
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -240,7 +241,7 @@ def pooled_softmax_blocks(
             heads, keys.shape[1], n_rows, n_cols, q_len, k_len, row0 or 0)
     meta = dict(ROW_STRIDE=1 if single_block else stride, COL_STRIDE=stride, TILES_PER_SPLIT=tiles_per_split,
                 HAS_KEY_RANGE=key_range is not None, HAS_SOFTCAP=softcap is not None, HEAD_DIM=d,
-                BLOCK_D=max(16, triton.next_power_of_2(d)), TILE_M=tile_m, TILE_N=tile_n, num_warps=NUM_WARPS)
+                BLOCK_D=_padded(d), TILE_M=tile_m, TILE_N=tile_n, num_warps=NUM_WARPS)
     scale_log2 = scale * _LOG2E
     softcap_log2 = 0.0 if softcap is None else float(softcap) * _LOG2E
     grid = (row_tiles, b * heads, splits)
@@ -301,7 +302,7 @@ def pool_tokens_fused(x: torch.Tensor, stride: int, groups: int, heads: int,
     _pool_tokens_kernel[grid](x, out, kr, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
                               out.stride(2), heads, length, groups, STRIDE=stride, HEADS_PER_OUT=h // heads,
                               HAS_KEY_RANGE=key_range is not None, HEAD_DIM=d,
-                              BLOCK_D=max(16, triton.next_power_of_2(d)), GROUPS=POOL_GROUPS)
+                              BLOCK_D=_padded(d), GROUPS=POOL_GROUPS)
     return out
 
 
