@@ -10,7 +10,14 @@ attention the question's rows put on the needle and whether its key blocks were 
     python3 bench/bench_retrieval.py --model MODELS/qwen05 --lengths 16k,24k,32k --seeds 6 \
         --configs previous,tail,q16,q16-lean --diagnose previous,tail --ttft 32k --ppl 32k
 
-Writes $OUT/retrieval.jsonl (one row per prompt and mode) and prints a short table last.
+`--fast` decodes a sparse config only where it can differ from dense: each config first runs
+teacher-forced on dense's answer (`runner.forced_argmax`, two forwards); where its greedy choice
+agrees with dense's at every answer token, it would write dense's answer word for word, so it gets
+dense's answer and score ("same"); elsewhere it is decoded and scored as usual. The table then also
+says how many answers each config changed at all, which is a stricter test than accuracy.
+
+Writes $OUT/retrieval.jsonl (one row per prompt and mode), $OUT/density_<length>.json (per-layer mean
+density of the first config, for bench_e2e.py --densities) and prints a short table last.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from sparse_prefill.eval.commands import parse_lengths  # noqa: E402
 from sparse_prefill.eval.models import load_model  # noqa: E402
 from sparse_prefill.eval.needles import NeedleProbe, question_rows, relevant_needles  # noqa: E402
 from sparse_prefill.eval.recording import LayoutRecorder, intercept_layouts, num_layers  # noqa: E402
-from sparse_prefill.eval.runner import greedy_answer, set_mode  # noqa: E402
+from sparse_prefill.eval.runner import forced_argmax, greedy_answer, greedy_tokens, set_mode  # noqa: E402
 from sparse_prefill.eval.scoring import paired_difference, score, wilson_interval  # noqa: E402
 from sparse_prefill.eval.tasks import make_example  # noqa: E402
 from sparse_prefill.patches import unpatch_model  # noqa: E402
@@ -47,9 +54,15 @@ CONFIGS = {  # name: SparsePrefillConfig fields (min_seq_len=0: the sparse path 
     "tailcols": {**_PREVIOUS, "exact_tail_tokens": 256, "question_blocks": 8},
     "q16": _Q16,
     "q16-lean": {**_Q16, "gamma": 0.85},
-    "q16cols": {**_Q16, "question_blocks": 8},  # = the package defaults since 2026-12-02
+    "q16cols": {**_Q16, "question_blocks": 8},  # = the package defaults from 2026-12-02 14:45 to 17:30 UTC
     "q16cols16": {**_Q16, "question_blocks": 16},
-    "default": {},
+    "default": {},  # the package defaults as they are now (gamma 0.95 since 2026-12-02 17:30 UTC)
+    "g90": {"gamma": 0.9},  # = q16cols
+    "g93": {"gamma": 0.93},
+    "g95": {"gamma": 0.95},
+    "g97": {"gamma": 0.97},
+    "wide": {"exact_tail_tokens": 1024, "question_blocks": 16},
+    "g95wide": {"gamma": 0.95, "exact_tail_tokens": 1024, "question_blocks": 16},
 }
 
 
@@ -71,9 +84,42 @@ def answer(model, tok, example, mode: str, config, hooks) -> dict:
     row = {"answer": text, "score": score(text, example.answers), "ttft_s": ttft}
     if mode == "sparse":
         row["density"] = recorder.mean_density()
+        row["layer_density"] = _layer_means(recorder)
     if probe is not None:
         row["needles"] = probe.summary()
     return row
+
+
+def _layer_means(recorder: LayoutRecorder) -> list[float | None]:
+    return [None if heads is None else sum(heads) / len(heads) for heads in recorder.layer_head_density()]
+
+
+def dense_answer(model, tok, example) -> dict:
+    """Dense's greedy answer, its tokens, and what teacher forcing gives on dense itself (the reference
+    that a sparse config's forced choices are compared with)."""
+    set_mode(model, "dense", None)
+    tokens, ttft, _ = greedy_tokens(model, tok, example.input_ids, example.max_new_tokens)
+    text = tok.decode(tokens, skip_special_tokens=True)
+    forced = forced_argmax(model, example.input_ids, tokens)
+    return {"answer": text, "score": score(text, example.answers), "ttft_s": ttft, "tokens": tokens,
+            "forced": forced}
+
+
+def answer_fast(model, tok, example, config, dense: dict) -> dict:
+    """A config's answer, decoded only where teacher forcing says it may differ from dense's (see --fast)."""
+    set_mode(model, "sparse", config)
+    recorder = LayoutRecorder(num_layers(model))
+
+    def prefill_only(layer, q, k, layout):  # the forced answer chunk is no prefill: leave it out
+        return recorder(layer, q, k, layout) if q.shape[2] == k.shape[2] else layout
+
+    with intercept_layouts(model, prefill_only):
+        forced = forced_argmax(model, example.input_ids, dense["tokens"])
+    row = {"density": recorder.mean_density(), "layer_density": _layer_means(recorder)}
+    if forced == dense["forced"] == dense["tokens"]:
+        return {**row, "answer": dense["answer"], "score": dense["score"], "same": True}
+    text, ttft, _ = greedy_answer(model, tok, example.input_ids, example.max_new_tokens)
+    return {**row, "answer": text, "score": score(text, example.answers), "ttft_s": ttft, "same": False}
 
 
 @torch.inference_mode()
@@ -145,6 +191,8 @@ def main() -> int:
     parser.add_argument("--ppl", type=parse_lengths, default=[])
     parser.add_argument("--speed-configs", default="", help="configs for --ttft and --ppl (default: --configs)")
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--fast", action="store_true", help="decode a config only where teacher forcing says its "
+                                                            "answer may differ from dense's")
     parser.add_argument("--dense-from", help="a retrieval.jsonl whose dense rows stand in for running dense again "
                                              "(greedy decoding of the same prompts is deterministic)")
     args = parser.parse_args()
@@ -174,18 +222,32 @@ def main() -> int:
                     base = {"task": task, "length": length, "depth": depth, "seed": seed}
                     key = (task, length, depth, seed)
                     if key in known_dense:
-                        dense = {k: known_dense[key][k] for k in ("answer", "score", "ttft_s")}
+                        dense = {k: known_dense[key][k] for k in ("answer", "score", "ttft_s", "tokens", "forced")
+                                 if k in known_dense[key]}
+                    elif args.fast:
+                        dense = dense_answer(model, tok, ex)
                     else:
                         dense = answer(model, tok, ex, "dense", None, hooks=False)
                     rows.append({**base, "mode": "dense", **dense})
                     for name in configs:
-                        got = answer(model, tok, ex, "sparse", config_named(name), hooks=name in diagnose)
+                        if args.fast and name not in diagnose and "tokens" in dense:
+                            got = answer_fast(model, tok, ex, config_named(name), dense)
+                        else:
+                            got = answer(model, tok, ex, "sparse", config_named(name), hooks=name in diagnose)
                         rows.append({**base, "mode": name, **got, "dense_score": dense["score"]})
                     for r in rows[-(1 + len(configs)):]:
                         sink.write(json.dumps(r) + "\n")
                     sink.flush()
             print(f"  {length} {task} done at {time.time() - started:.0f} s", flush=True)
     unpatch_model(model)
+    if configs:
+        for length in args.lengths:  # per-layer density of the first config, for bench_e2e.py --densities
+            per_prompt = [r["layer_density"] for r in rows if r["mode"] == configs[0] and r["length"] == length
+                          and r.get("layer_density")]
+            if per_prompt:
+                layers = [[p[i] for p in per_prompt if p[i] is not None] for i in range(len(per_prompt[0]))]
+                means = [sum(v) / len(v) if v else None for v in layers]
+                (out / f"density_{length}.json").write_text(json.dumps({"config": configs[0], "layers": means}))
 
     extra = []
     speed_configs = [c for c in args.speed_configs.split(",") if c] or configs
@@ -223,8 +285,9 @@ def main() -> int:
     # -- tables -----------------------------------------------------------------------------------------
     for r in extra:
         print(json.dumps(r))
-    print("\n| task | length | mode | n | accuracy [95 % CI] | sparse - dense [95 % CI] | density |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| task | length | mode | n | accuracy [95 % CI] | sparse - dense [95 % CI] | lost / gained | "
+          "answers changed | density |")
+    print("|---|---|---|---|---|---|---|---|---|")
     modes = ["dense", *configs]
     for task in args.tasks.split(","):
         for length in [*args.lengths, "all"]:
@@ -238,7 +301,12 @@ def main() -> int:
                 diff = "" if mode == "dense" else "{:+.3f} [{:+.3f}, {:+.3f}]".format(
                     *paired_difference([r["score"] - r["dense_score"] for r in m]))
                 dens = "" if mode == "dense" else f"{statistics.mean(r['density'] for r in m):.3f}"
-                print(f"| {task} | {length} | {mode} | {len(m)} | {acc:.3f} [{lo:.2f}, {hi:.2f}] | {diff} | {dens} |")
+                flips = "" if mode == "dense" else "{} / {}".format(
+                    sum(r["score"] < r["dense_score"] for r in m), sum(r["score"] > r["dense_score"] for r in m))
+                changed = [r for r in m if "same" in r]
+                changed = f"{sum(not r['same'] for r in changed)} of {len(changed)}" if changed else ""
+                print(f"| {task} | {length} | {mode} | {len(m)} | {acc:.3f} [{lo:.2f}, {hi:.2f}] | {diff} | {flips} | "
+                      f"{changed} | {dens} |")
     return 0
 
 

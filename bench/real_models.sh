@@ -8,6 +8,16 @@
 #   bench/real_models.sh recall NAME TOKENS     captured attention mass vs density: ours, the oracle and two peers
 #   bench/real_models.sh e2e NAME               TTFT of the trained model and of Llama-3.1-8B (random weights) with
 #                                               the per-layer densities NAME chose at 32K
+#   bench/real_models.sh start JOB 'COMMANDS'   run commands (stages) in the background, detached from the call that starts it
+#                                               (a machine stays up only between calls): stages that use the GPU
+#                                               queue on one lock, so timings never overlap; logs in /root/runs/logs
+#   bench/real_models.sh logs                   the tail of every background job's log
+#   bench/real_models.sh collect                every run's results and logs, packed into $OUT
+#
+# Stages for the selection and long-context measurements (bench/RESULTS.md says which command made which table):
+#   prepare NAME SHA256                         assemble + convert (as assemble), CPU only: no GPU lock
+#   retrieval NAME ARGS...                      bench/bench_retrieval.py --fast on $MODELS/NAME, results in /root/runs/NAME-*
+#   e2e-densities JSON ARGS...                  bench/bench_e2e.py on Llama-3.1-8B with those per-layer densities
 #
 # The gguf reader travels as a wheel in .gpu/whl (pip download gguf==0.19.0). Results are packed into one
 # archive under $OUT (or ./out) so they come back as one file.
@@ -23,8 +33,38 @@ export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1
 cli() { python3 -m sparse_prefill.cli "$@" --no-progress; }
 pack() { tar czf "$RESULTS/$1.tgz" -C "$2" . && ls -la "$RESULTS"; }
 
+gpu_locked() { flock /root/gpu.lock "$@"; }
+
 stage=$1; shift
 case "$stage" in
+start)
+    job=$1; shift
+    mkdir -p /root/runs/logs
+    # A copy of the tree, so that later calls refreshing the working tree cannot touch a running job.
+    [ -d /root/repo ] || cp -r "$PWD" /root/repo
+    (cd /root/repo && setsid nohup bash -c "$*" > "/root/runs/logs/$job.log" 2>&1 < /dev/null &)
+    echo "started $job: $*" ;;
+logs)
+    for f in /root/runs/logs/*.log; do echo "== $f"; tail -n 6 "$f"; done; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv ;;
+collect)
+    tar czf "$RESULTS/runs.tgz" --exclude='*.safetensors' -C /root runs && ls -la "$RESULTS" ;;
+prepare)
+    name=$1 sha=$2
+    until [ "$(ls "$MODELS/$name".part_* 2>/dev/null | wc -l)" -gt 0 ] && [ -e "$MODELS/$name.complete" ]; do sleep 2; done
+    cat "$MODELS/$name".part_* > "$MODELS/$name.gguf"
+    echo "$sha  $MODELS/$name.gguf" | sha256sum -c -
+    rm "$MODELS/$name".part_*
+    python3 -c "from sparse_prefill.eval.models import to_safetensors; to_safetensors('$MODELS/$name.gguf', '$MODELS/$name')"
+    touch "$MODELS/$name.ready"; echo "ready $name" ;;
+retrieval)
+    name=$1 run=$2; shift 2
+    until [ -e "$MODELS/$name.ready" ]; do sleep 2; done
+    mkdir -p "/root/runs/$run"
+    gpu_locked env OUT="/root/runs/$run" python3 bench/bench_retrieval.py --model "$MODELS/$name" "$@" ;;
+e2e-densities)
+    json=$1 run=$2; shift 2
+    mkdir -p "/root/runs/$run"
+    gpu_locked env OUT="/root/runs/$run" python3 bench/bench_e2e.py --arch llama-3.1-8b --densities "$json" "$@" ;;
 receive)
     cp "$@" "$MODELS/" && ls -la "$MODELS" ;;
 assemble)

@@ -128,3 +128,25 @@ def test_resample_and_load_layer_densities(tmp_path):
     (tmp_path / "c.json").write_text('{"x": 1}')
     with pytest.raises(ValueError, match="layers"):
         load_layer_densities(tmp_path / "c.json")
+
+
+def test_forced_argmax_reproduces_greedy_decoding_and_shows_where_a_forced_answer_departs(tiny):
+    from sparse_prefill.eval.runner import forced_argmax, greedy_tokens, set_mode
+
+    model, tok = tiny
+    ids = list(torch.randint(5, 200, (300,), generator=torch.Generator().manual_seed(3)).tolist())
+    for mode, config in (("dense", None), ("sparse", CONFIG)):
+        set_mode(model, mode, config)
+        tokens, _, _ = greedy_tokens(model, tok, ids, 6)
+        assert 1 <= len(tokens) <= 6
+        assert forced_argmax(model, ids, tokens) == tokens  # one chunk gives what the decode loop chose
+        other = [(t + 1) % 200 for t in tokens]
+        forced = forced_argmax(model, ids, other)
+        assert forced[0] == tokens[0] and len(forced) == len(other)  # the first choice never sees the answer
+        if len(tokens) > 1:
+            set_mode(model, "dense", None)
+            greedy_after_other = greedy_tokens(model, tok, ids + other[:1], 1)[0][0]
+            set_mode(model, mode, config)
+            if mode == "dense":  # after a forced wrong token the choice is what greedy makes of that prefix
+                assert forced[1] == greedy_after_other
+    set_mode(model, "dense", None)

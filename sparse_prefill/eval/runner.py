@@ -71,6 +71,14 @@ def _cache_kwarg(model) -> str:
 @torch.inference_mode()
 def greedy_answer(model, tokenizer, input_ids: Sequence[int], max_new_tokens: int):
     """(decoded answer, TTFT seconds, peak prefill bytes or None) with greedy decoding."""
+    generated, ttft, peak = greedy_tokens(model, tokenizer, input_ids, max_new_tokens)
+    return tokenizer.decode(generated, skip_special_tokens=True), ttft, peak
+
+
+@torch.inference_mode()
+def greedy_tokens(model, tokenizer, input_ids: Sequence[int], max_new_tokens: int):
+    """(generated token ids, TTFT seconds, peak prefill bytes or None) with greedy decoding; the last id
+    is an end-of-sequence token unless `max_new_tokens` ran out first."""
     ids = torch.tensor([list(input_ids)], device=model_device(model))
     out, ttft, peak = timed_prefill(model, ids)
     cache, cache_kwarg, eos = _cache_of(out), _cache_kwarg(model), _eos_ids(model, tokenizer)
@@ -82,7 +90,26 @@ def greedy_answer(model, tokenizer, input_ids: Sequence[int], max_new_tokens: in
             break
         out = model(input_ids=token[:, None], use_cache=True, **{cache_kwarg: cache})
         token = out.logits[:, -1].argmax(-1)
-    return tokenizer.decode(generated, skip_special_tokens=True), ttft, peak
+    return generated, ttft, peak
+
+
+@torch.inference_mode()
+def forced_argmax(model, input_ids: Sequence[int], answer: Sequence[int]) -> list[int]:
+    """The greedy choice at each position of `answer` when the model is fed that answer (teacher forcing).
+
+    One prefill with a cache, then `answer[:-1]` as one more chunk, as a decode loop would feed it.
+    Where the result equals `answer`, greedy decoding would have written `answer` itself, so a
+    sparse prefill that agrees with dense here keeps dense's answer token for token, at the cost of
+    two forwards instead of a decode loop.
+    """
+    device = model_device(model)
+    out = model(input_ids=torch.tensor([list(input_ids)], device=device), use_cache=True, logits_to_keep=1)
+    choices = [int(out.logits[0, -1].argmax())]
+    if len(answer) > 1:
+        rest = torch.tensor([list(answer[:-1])], device=device)
+        out = model(input_ids=rest, use_cache=True, **{_cache_kwarg(model): _cache_of(out)})
+        choices += out.logits[0].argmax(-1).tolist()
+    return choices
 
 
 def set_mode(model, mode: str, config: SparsePrefillConfig):
