@@ -7,7 +7,7 @@ from sparse_prefill.config import auto_min_seq_len
 def test_defaults_are_documented_values():
     c = SparsePrefillConfig()
     assert (c.block_size, c.gamma, c.min_budget_tokens, c.sink_blocks, c.local_blocks, c.stride) == (
-        128, 0.9, 1024, 1, 1, 16)
+        128, 0.95, 1024, 1, 1, 16)
     assert (c.proxy_heads, c.min_seq_len, c.backend) == ("q", None, "auto")
     assert (c.exact_tail_tokens, c.question_blocks) == (256, 8)
     assert c.min_budget_blocks == 8
