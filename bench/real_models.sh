@@ -15,10 +15,16 @@
 #   bench/real_models.sh collect                every run's results and logs, packed into $OUT
 #
 # Stages for the selection and long-context measurements (bench/RESULTS.md says which command made which table):
-#   prepare NAME SHA256                         assemble + convert (as assemble), CPU only: no GPU lock
-#   retrieval NAME ARGS...                      bench/bench_retrieval.py --fast on $MODELS/NAME, results in /root/runs/NAME-*
-#   e2e-densities JSON ARGS...                  bench/bench_e2e.py on Llama-3.1-8B with those per-layer densities
+#   prepare NAME SHA256                         wait for $MODELS/NAME.complete (touch it after the last piece),
+#                                               then assemble + convert as `assemble` does; CPU only, no GPU lock
+#   retrieval NAME RUN ARGS...                  wait for NAME to be prepared, then bench/bench_retrieval.py ARGS on
+#                                               it under the GPU lock, results in /root/runs/RUN
+#   e2e-densities JSON RUN ARGS...              bench/bench_e2e.py on Llama-3.1-8B with those per-layer densities
 #
+# A session: the first call receives piece 0 and starts `prepare` and one `start`ed chain of GPU stages; later
+# calls send the other pieces, then poll with `sleep N; logs; collect`. A machine that sits idle between calls
+# is given back with everything on it, jobs and results included: send the next call at once, and `collect`
+# in every poll so that what finished has come back.
 # The gguf reader travels as a wheel in .gpu/whl (pip download gguf==0.19.0). Results are packed into one
 # archive under $OUT (or ./out) so they come back as one file.
 set -euo pipefail
