@@ -150,3 +150,18 @@ def test_forced_argmax_reproduces_greedy_decoding_and_shows_where_a_forced_answe
             if mode == "dense":  # after a forced wrong token the choice is what greedy makes of that prefix
                 assert forced[1] == greedy_after_other
     set_mode(model, "dense", None)
+
+
+def test_summary_counts_the_prompts_sparse_scored_below_dense_on():
+    def row(mode, seed, score, **extra):
+        return {"task": "niah_multikey", "length": 4096, "depth": 0.5, "seed": seed, "mode": mode, "score": score,
+                "ttft_s": 1.0, **extra}
+
+    rows = [row("dense", 0, 1.0), row("dense", 1, 1.0), row("dense", 2, 0.0), row("dense", 3, 0.5),
+            row("sparse", 0, 1.0, gamma=0.9), row("sparse", 1, 0.0, gamma=0.9), row("sparse", 2, 1.0, gamma=0.9),
+            row("sparse", 3, 0.25, gamma=0.9)]
+    dense, sparse = summarize(rows)
+    assert dense["lost"] is None
+    assert sparse["lost"] == 2  # seeds 1 and 3; seed 2, which sparse gained, does not offset them
+    assert sparse["accuracy"] == pytest.approx(dense["accuracy"] - 0.0625)
+    assert summarize(rows[4:])[0]["lost"] is None  # no dense answers to compare with

@@ -254,7 +254,7 @@ def _print_summary(rows, keys) -> list[dict]:
     from .runner import format_table, summarize
 
     summary = summarize(rows, keys)
-    print(format_table(summary, [*keys, "n", "accuracy", "density", "ttft_s", "speedup", "peak_gib"]))
+    print(format_table(summary, [*keys, "n", "accuracy", "lost", "density", "ttft_s", "speedup", "peak_gib"]))
     return summary
 
 
@@ -395,22 +395,23 @@ def run_sweep(args) -> int:
     path = s.fresh("results.jsonl")
     rows = run_examples(s.model, s.tokenizer, examples, s.config, modes=("dense",), metric=args.metric, jsonl=path,
                         progress=s.progress, extra={"gamma": None})
-    dense = summarize(rows, ("mode",))[0]
+    dense_rows = list(rows)
+    dense = summarize(dense_rows, ("mode",))[0]
     points = []
     for gamma in args.gammas:
         config = s.config.replace(gamma=gamma)
         sparse = run_examples(s.model, s.tokenizer, examples, config, modes=("sparse",), metric=args.metric,
                               jsonl=path, progress=s.progress, extra={"gamma": gamma})
         rows += sparse
-        summary = summarize(sparse, ("mode",))[0]
-        points.append({"label": f"γ={gamma}", "gamma": gamma, "accuracy": summary["accuracy"],
+        summary = summarize(dense_rows + sparse, ("mode",))[1]  # [dense, sparse]: sparse paired with dense
+        points.append({"label": f"γ={gamma}", "gamma": gamma, "accuracy": summary["accuracy"], "lost": summary["lost"],
                        "density": summary["density"], "ttft_s": summary["ttft_s"],
                        "speedup": dense["ttft_s"] / summary["ttft_s"]})
     (s.out / "summary.json").write_text(json.dumps({"dense": dense, "sparse": points}, indent=1))
     plot = plot_accuracy_vs_speedup(points, s.out / "accuracy_vs_speedup.png", dense["accuracy"],
                                     f"{args.task} on {s.name}")
     print(f"dense: accuracy {dense['accuracy']:.3f}, median TTFT {dense['ttft_s']:.3f} s")
-    print(format_table(points, ["gamma", "accuracy", "density", "ttft_s", "speedup"]))
+    print(format_table(points, ["gamma", "accuracy", "lost", "density", "ttft_s", "speedup"]))
     s.note_cpu()
     print(f"wrote: {path}, {s.out / 'summary.json'}, {plot}")
     s.note_random()

@@ -179,9 +179,15 @@ def run_examples(model, tokenizer, examples: Iterable[Example], config: SparsePr
 
 # ---------------------------------------------------------------- summaries
 
+def _prompt(row: dict) -> tuple:
+    """What identifies one prompt across modes (and across the `extra` fields a run adds, e.g. gamma)."""
+    return tuple(sorted((k, json.dumps(v)) for k, v in row.items() if k in ("task", "length", "depth", "seed")))
+
+
 def summarize(rows: list[dict], keys: Sequence[str] = ("task", "length", "mode")) -> list[dict]:
     """Group rows by `keys`: n, accuracy (mean score), median TTFT, mean density, max peak memory;
-    sparse groups also get the speedup over the dense group with the same other keys."""
+    sparse groups also get the speedup over the dense group with the same other keys, and `lost`: how
+    many of their prompts scored below dense's answer to the same prompt (what sparse must never do)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
@@ -199,6 +205,11 @@ def summarize(rows: list[dict], keys: Sequence[str] = ("task", "length", "mode")
         for s in out:
             base = dense.get(tuple(s[k] for k in keys if k != "mode"))
             s["speedup"] = base["ttft_s"] / s["ttft_s"] if base and s["mode"] != "dense" else None
+        dense_score = {_prompt(r): r["score"] for r in rows if r.get("mode") == "dense"}
+        for s, group in zip(out, groups.values(), strict=True):
+            paired = [r for r in group if _prompt(r) in dense_score]
+            s["lost"] = (sum(r["score"] < dense_score[_prompt(r)] for r in paired)
+                         if s["mode"] != "dense" and paired else None)
     return out
 
 
