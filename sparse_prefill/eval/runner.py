@@ -181,7 +181,7 @@ def run_examples(model, tokenizer, examples: Iterable[Example], config: SparsePr
 
 def _prompt(row: dict) -> tuple:
     """What identifies one prompt across modes (and across the `extra` fields a run adds, e.g. gamma)."""
-    return tuple(sorted((k, json.dumps(v)) for k, v in row.items() if k in ("task", "length", "depth", "seed")))
+    return tuple(row.get(k) for k in ("task", "length", "depth", "seed"))
 
 
 def summarize(rows: list[dict], keys: Sequence[str] = ("task", "length", "mode")) -> list[dict]:
@@ -207,9 +207,8 @@ def summarize(rows: list[dict], keys: Sequence[str] = ("task", "length", "mode")
             s["speedup"] = base["ttft_s"] / s["ttft_s"] if base and s["mode"] != "dense" else None
         dense_score = {_prompt(r): r["score"] for r in rows if r.get("mode") == "dense"}
         for s, group in zip(out, groups.values(), strict=True):
-            paired = [r for r in group if _prompt(r) in dense_score]
-            s["lost"] = (sum(r["score"] < dense_score[_prompt(r)] for r in paired)
-                         if s["mode"] != "dense" and paired else None)
+            paired = [(r["score"], dense_score[p]) for r in group if (p := _prompt(r)) in dense_score]
+            s["lost"] = sum(got < want for got, want in paired) if s["mode"] != "dense" and paired else None
     return out
 
 
