@@ -16,8 +16,11 @@ agrees with dense's at every answer token, it would write dense's answer word fo
 dense's answer and score ("same"); elsewhere it is decoded and scored as usual. The table then also
 says how many answers each config changed at all, which is a stricter test than accuracy.
 
-Writes $OUT/retrieval.jsonl (one row per prompt and mode), $OUT/density_<length>.json (per-layer mean
-density of the first config, for bench_e2e.py --densities) and prints a short table last.
+Writes $OUT/retrieval.jsonl (one row per prompt and mode), $OUT/density_<config>_<length>.json (per-layer
+mean density of each config, for bench_e2e.py --densities; density_<length>.json is the first config's)
+and prints a short table last. Two controls sit among the configs: `exact` (every causal block through
+the sparse kernel: the answers it changes are the comparison's numerical noise floor) and `oracle90` /
+`oracle95` (each row's exact fewest blocks covering gamma: what the best possible selection keeps).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from sparse_prefill.patches import unpatch_model  # noqa: E402
 _PREVIOUS = dict(gamma=0.95, proxy_heads="kv", stride=4, min_budget_tokens=2048, exact_tail_tokens=0,
                  question_blocks=0)  # the defaults before the exact tail and the question columns
 _Q16 = dict(gamma=0.9, proxy_heads="q", stride=16, min_budget_tokens=1024, exact_tail_tokens=256, question_blocks=0)
+_ORACLE = dict(stride=1, min_budget_tokens=0, exact_tail_tokens=0, question_blocks=0, local_blocks=0)
 CONFIGS = {  # name: SparsePrefillConfig fields (min_seq_len=0: the sparse path runs at every length)
     "previous": _PREVIOUS,
     "tail": {**_PREVIOUS, "exact_tail_tokens": 256},
@@ -63,6 +67,13 @@ CONFIGS = {  # name: SparsePrefillConfig fields (min_seq_len=0: the sparse path 
     "g97": {"gamma": 0.97},
     "wide": {"exact_tail_tokens": 1024, "question_blocks": 16},
     "g95wide": {"gamma": 0.95, "exact_tail_tokens": 1024, "question_blocks": 16},
+    # Controls. exact: every causal block through the sparse kernel, i.e. dense attention computed
+    # block-sparsely in bf16; what it changes is the comparison's numerical noise floor, not selection.
+    "exact": {"gamma": 1.0},
+    # The per-row oracle: stride 1 makes the "estimate" each row's exact block mass, and nothing is kept
+    # beyond the fewest blocks covering gamma (sink and diagonal count toward it). Slow: a benchmark only.
+    "oracle90": {**_ORACLE, "gamma": 0.9},
+    "oracle95": {**_ORACLE, "gamma": 0.95},
 }
 
 
@@ -240,14 +251,17 @@ def main() -> int:
                     sink.flush()
             print(f"  {length} {task} done at {time.time() - started:.0f} s", flush=True)
     unpatch_model(model)
-    if configs:
-        for length in args.lengths:  # per-layer density of the first config, for bench_e2e.py --densities
-            per_prompt = [r["layer_density"] for r in rows if r["mode"] == configs[0] and r["length"] == length
+    for name in configs:  # per-layer densities, for bench_e2e.py --densities (the first config's also unnamed)
+        for length in args.lengths:
+            per_prompt = [r["layer_density"] for r in rows if r["mode"] == name and r["length"] == length
                           and r.get("layer_density")]
             if per_prompt:
                 layers = [[p[i] for p in per_prompt if p[i] is not None] for i in range(len(per_prompt[0]))]
                 means = [sum(v) / len(v) if v else None for v in layers]
-                (out / f"density_{length}.json").write_text(json.dumps({"config": configs[0], "layers": means}))
+                text = json.dumps({"config": name, "layers": means})
+                (out / f"density_{name}_{length}.json").write_text(text)
+                if name == configs[0]:
+                    (out / f"density_{length}.json").write_text(text)
 
     extra = []
     speed_configs = [c for c in args.speed_configs.split(",") if c] or configs

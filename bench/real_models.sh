@@ -20,6 +20,8 @@
 #   retrieval NAME RUN ARGS...                  wait for NAME to be prepared, then bench/bench_retrieval.py ARGS on
 #                                               it under the GPU lock, results in /root/runs/RUN
 #   e2e-densities JSON RUN ARGS...              bench/bench_e2e.py on Llama-3.1-8B with those per-layer densities
+#   profile N:DENSITY...                        Nsight Compute stall profile of one kernel launch per case
+#                                               (bench/profile_kernel.py, 8B attention shape), in /root/runs/profile
 #
 # A session: the first call receives piece 0 and starts `prepare` and one `start`ed chain of GPU stages; later
 # calls send the other pieces, then poll with `sleep N; logs; collect`. A machine that sits idle between calls
@@ -71,6 +73,16 @@ e2e-densities)
     json=$1 run=$2; shift 2
     mkdir -p "/root/runs/$run"
     gpu_locked env OUT="/root/runs/$run" python3 bench/bench_e2e.py --arch llama-3.1-8b --densities "$json" "$@" ;;
+profile)
+    out=/root/runs/profile; mkdir -p "$out"
+    for case in "$@"; do
+        n=${case%%:*} density=${case##*:}
+        gpu_locked python3 bench/profile_kernel.py --n "$n" --density "$density" --launches 10 | tee "$out/time_$case.txt"
+        gpu_locked ncu --clock-control none -k regex:_block_sparse_attention_kernel -s 3 -c 1 \
+            --section WarpStateStats --section SchedulerStats --section Occupancy --section SpeedOfLight \
+            --section LaunchStats python3 bench/profile_kernel.py --n "$n" --density "$density" \
+            > "$out/ncu_$case.txt" 2>&1 || echo "ncu failed for $case (see $out/ncu_$case.txt)"
+    done ;;
 receive)
     cp "$@" "$MODELS/" && ls -la "$MODELS" ;;
 assemble)

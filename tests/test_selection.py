@@ -27,6 +27,7 @@ CASES = {  # (b, hq, hkv, lq, lk, block_size, stride, proxy_heads, key_range)
     "kv-proxies-chunked": (1, 4, 2, 136, 456, 64, 8, "kv", None),
     "block128-stride16": (1, 2, 1, 256, 256, 128, 16, "q", None),
     "int-proxies-key-range": (2, 2, 2, 200, 200, 64, 4, 1, torch.tensor([[0, 200], [37, 150]])),
+    "stride1-exact": (1, 2, 1, 136, 200, 64, 1, "q", None),  # the exact per-row oracle (bench_retrieval.py)
 }
 
 

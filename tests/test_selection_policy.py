@@ -92,3 +92,16 @@ def test_question_columns_reach_every_later_row():
         for i in range(N_BLOCKS - 1):
             for col in (5, 7):
                 assert bool(keep[0, 0, i, col]) == (col in columns and col <= i or col == i), (k, i, col)
+
+
+def test_stride_one_estimates_the_exact_block_masses():
+    """stride=1 with per-head proxies is no estimate: the masses are each row's exact softmax mass per block,
+    averaged over the block's rows, so gamma then chooses what the per-row oracle chooses."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 2, 200, 16, generator=g), torch.randn(1, 2, 200, 16, generator=g) * 2
+    cfg = SparsePrefillConfig(block_size=BS, stride=1, proxy_heads="q")
+    mass = estimate_block_scores(q, k, cfg).mass
+    probs = torch.softmax((q @ k.transpose(-1, -2) / 4).masked_fill(torch.ones(200, 200).triu(1).bool(), -1e9), -1)
+    per_block = torch.nn.functional.pad(probs, (0, 56, 0, 56)).reshape(1, 2, 4, BS, 4, BS).sum(5)
+    rows = torch.tensor([BS, BS, BS, 200 - 3 * BS]).view(1, 1, 4, 1)
+    torch.testing.assert_close(mass, per_block.sum(3) / rows, atol=1e-5, rtol=0)
