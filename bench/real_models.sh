@@ -80,7 +80,7 @@ profile)
         gpu_locked python3 bench/profile_kernel.py --n "$n" --density "$density" --launches 10 | tee "$out/time_$case.txt"
         gpu_locked ncu --clock-control none -k regex:_block_sparse_attention_kernel -s 3 -c 1 \
             --section WarpStateStats --section SchedulerStats --section Occupancy --section SpeedOfLight \
-            --section LaunchStats python3 bench/profile_kernel.py --n "$n" --density "$density" \
+            --section LaunchStats --print-details all python3 bench/profile_kernel.py --n "$n" --density "$density" \
             > "$out/ncu_$case.txt" 2>&1 || echo "ncu failed for $case (see $out/ncu_$case.txt)"
     done ;;
 receive)
