@@ -146,8 +146,9 @@ def test_transposed_views_keep_their_layout():
         ta.KernelConfig(block_m=64, block_n=32, num_warps=4, kv_loads="pointer"),
         ta.KernelConfig(block_m=128, block_n=64, num_warps=8, kv_loads="tma"),
         ta.KernelConfig(block_m=64, block_n=128, num_warps=4, kv_loads="tma"),
+        ta.KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2, kv_loads="tma", max_registers=128),
     ],
-    ids=["pointer-64x32", "tma-128x64", "tma-64x128"],
+    ids=["pointer-64x32", "tma-128x64", "tma-64x128", "tma-128x64-capped-registers"],
 )
 def test_launch_shapes_and_load_paths(config):
     gen = torch.Generator().manual_seed(8)

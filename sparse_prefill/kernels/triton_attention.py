@@ -51,9 +51,13 @@ class KernelConfig:
     num_stages: software-pipelining depth of the K/V loads (the index-reading loop gets two more, see
         the kernel); num_warps as in Triton.
     kv_loads: "pointer" (plain loads) or "tma" (host-built tensor descriptors, Hopper).
+    max_registers: a per-thread register cap (None: the compiler's choice). 128 with 8 warps and
+        128x64 tiles at two stages fits two programs per SM (96 KB of shared memory each); measured,
+        that pays only for very short rows (bench/NOTES_kernel.md), so no default uses it.
 
     Measured and dropped (bench/NOTES_kernel.md): descriptors built in the kernel, Triton's warp
-    specialisation of this loop, and a head-major launch order; each was slower.
+    specialisation of this loop, a head-major launch order, and the diagonal tile folded into the
+    pipelined loop; each was slower.
     """
 
     block_m: int = 128
@@ -61,6 +65,7 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     kv_loads: str = "pointer"
+    max_registers: int | None = None
 
 
 def default_config(head_dim: int, block_size: int, q: torch.Tensor) -> KernelConfig:
@@ -216,6 +221,14 @@ def _block_sparse_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_pos = q_offset + offs_m
 
+    # -- operands. Q's load is issued first, so its latency overlaps the layout row's below ---------
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd)
+    q_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    k_head = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_head = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+
     # -- keys this tile may see: [key_lo, key_hi), and causally up to each row's position -----------
     key_lo = 0
     key_hi = k_len
@@ -256,13 +269,6 @@ def _block_sparse_attention_kernel(
     FULL_STAGES: tl.constexpr = NUM_STAGES if DENSE else NUM_STAGES + 2
     MASKED_STAGES: tl.constexpr = 2
 
-    # -- operands ------------------------------------------------------------------------------------
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd)
-    q_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    k_head = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_head = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -424,6 +430,7 @@ def triton_block_sparse_attention(
         counts, indices, count_strides, index_strides = out, out, (0, 0, 0), (0, 0, 0)
     k_desc, v_desc = _kv_operands(k, v, config, block_d)
 
+    register_cap = {} if config.max_registers is None else {"maxnreg": config.max_registers}
     grid = (n_q_tiles * batch * q_heads,)
     device_context = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with device_context:
@@ -437,6 +444,6 @@ def triton_block_sparse_attention(
             HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse, KV_TMA=config.kv_loads == "tma",
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             COUNT_CHUNK=128, NUM_STAGES=config.num_stages,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, **register_cap,
         )
     return (out, lse) if return_lse else out
