@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--attention", action="store_true", help="also time attention alone for each --arch shape")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--dense-backends", type=lambda s: s.split(","), default=None,
+                   help="dense SDPA backends to time (default: cudnn,flash); cudnn alone halves a long run")
     return p.parse_args(argv)
 
 
@@ -87,9 +89,9 @@ def main(argv=None) -> int:
         for length in args.lengths:
             if args.attention:
                 rows += _tag(attention_only(attention_shape(model.config), length, config, device, dtype,
-                                            _mean(forced), args.repeats), f"{arch} (random)")
+                                            _mean(forced), args.repeats, args.dense_backends), f"{arch} (random)")
             ids = torch.randint(0, 32000, (1, length), device=device, generator=torch.Generator(device).manual_seed(0))
-            rows += _tag(end_to_end(model, ids, config, forced, args.repeats), f"{arch} (random)")
+            rows += _tag(end_to_end(model, ids, config, forced, args.repeats, args.dense_backends), f"{arch} (random)")
             _progress(rows)
         del model
         torch.cuda.empty_cache()
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
         for length in args.model_lengths:
             example = make_example("passkey", tokenizer, length, depth=0.5, haystack="prose")
             ids = torch.tensor([list(example.input_ids)], device=device)
-            rows += _tag(end_to_end(model, ids, config, None, args.repeats), Path(str(name)).stem)
+            rows += _tag(end_to_end(model, ids, config, None, args.repeats, args.dense_backends), Path(str(name)).stem)
             _progress(rows)
         del model
         torch.cuda.empty_cache()

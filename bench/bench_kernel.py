@@ -49,13 +49,29 @@ def log(record: dict) -> None:
 
 
 def parse_variant(spec: str) -> KernelConfig | None:
-    """'default' -> None (the wrapper picks); 'tma:128x64:w8:s3' -> KernelConfig (loads:tile:warps:stages)."""
+    """'default' -> None (the wrapper picks); 'tma:128x64:w8:s3' -> KernelConfig (loads:tile:warps:stages),
+    with an optional register cap: 'tma:128x64:w8:s2:r128'."""
     if spec == "default":
         return None
     parts = spec.split(":")
     bm, bn = (int(x) for x in parts[1].split("x"))
+    registers = int(parts[4][1:]) if len(parts) > 4 else None
     return KernelConfig(block_m=bm, block_n=bn, num_warps=int(parts[2][1:]), num_stages=int(parts[3][1:]),
-                        kv_loads=parts[0])
+                        kv_loads=parts[0], max_registers=registers)
+
+
+def load_kernel_file(path: str):
+    """`triton_block_sparse_attention` from another revision of kernels/triton_attention.py (e.g. saved
+    with `git show REV:sparse_prefill/kernels/triton_attention.py > FILE`), to time before against after
+    in one run on one card. It is loaded as a module of sparse_prefill.kernels, so its relative imports
+    resolve to this checkout."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sparse_prefill.kernels._compared_revision", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.triton_block_sparse_attention
 
 
 # -- layouts ---------------------------------------------------------------------------------------------
@@ -286,14 +302,17 @@ def run_size(n, args, device, flex_compiled, deadline):
                 del block_mask
             except Exception as exc:
                 record("flex", name, density, None, note=f"failed: {type(exc).__name__} {str(exc)[:150]}")
-        for spec in args.variants:
+        runs = [("ours", triton_block_sparse_attention, spec) for spec in args.variants]
+        if args.compare_kernel:
+            runs += [("before", args.compare_kernel, "default")]
+        for who, kernel, spec in runs:
             config = parse_variant(spec)
             layout_bs = 128 if layout is None else layout.block_size
-            label = "ours:" + (spec if config is not None else
-                               "default(" + _describe(default_config(d, layout_bs, q)) + ")")
+            label = f"{who}:" + (spec if config is not None else
+                                 "default(" + _describe(default_config(d, layout_bs, q)) + ")")
 
-            def ours(layout=layout, config=config):
-                return triton_block_sparse_attention(q, k, v, layout, config=config)
+            def ours(layout=layout, config=config, kernel=kernel):
+                return kernel(q, k, v, layout, config=config)
             try:
                 out = ours()
                 torch.cuda.synchronize()
@@ -312,7 +331,8 @@ def run_size(n, args, device, flex_compiled, deadline):
 
 
 def _describe(c: KernelConfig) -> str:
-    return f"{c.kv_loads}:{c.block_m}x{c.block_n}:w{c.num_warps}:s{c.num_stages}"
+    cap = f":r{c.max_registers}" if c.max_registers else ""
+    return f"{c.kv_loads}:{c.block_m}x{c.block_n}:w{c.num_warps}:s{c.num_stages}{cap}"
 
 
 def compiled_resources():
@@ -355,6 +375,9 @@ def main():
     parser.add_argument("--patterns", default="random,structured")
     parser.add_argument("--variants", default="default")
     parser.add_argument("--check-variants", default="default")
+    parser.add_argument("--compare-kernel", default=None, metavar="FILE",
+                        help="also time another revision of kernels/triton_attention.py (its default launch "
+                             "shape), reported as 'before'")
     parser.add_argument("--baselines", default="cudnn,flash,flex")
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
@@ -368,6 +391,8 @@ def main():
     args.patterns = args.patterns.split(",")
     args.variants = args.variants.split(",")
     args.baselines = args.baselines.split(",") if args.baselines else []
+    if args.compare_kernel:
+        args.compare_kernel = load_kernel_file(args.compare_kernel)
     start = time.time()
     deadline = start + args.time_budget
     device = torch.device("cuda")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernel import make_layout  # noqa: E402
+from bench_kernel import load_kernel_file, make_layout, parse_variant  # noqa: E402
 
 from sparse_prefill.kernels.triton_attention import triton_block_sparse_attention  # noqa: E402
 
@@ -37,19 +37,24 @@ def main() -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--launches", type=int, default=3)
+    p.add_argument("--variant", default="default", help="launch shape as in bench_kernel.py --variants")
+    p.add_argument("--kernel-file", default=None,
+                   help="profile another revision of kernels/triton_attention.py (bench_kernel.py --compare-kernel)")
     args = p.parse_args()
+    kernel = load_kernel_file(args.kernel_file) if args.kernel_file else triton_block_sparse_attention
+    config = parse_variant(args.variant)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, args.q_heads, args.n, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(1, args.kv_heads, args.n, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn_like(k)
     layout = make_layout(args.pattern, args.density, args.q_heads, args.n, 128, 0, "cuda")
     for _ in range(args.warmup):
-        triton_block_sparse_attention(q, k, v, layout)
+        kernel(q, k, v, layout, config=config)
     times = []
     for _ in range(args.launches):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        triton_block_sparse_attention(q, k, v, layout)
+        kernel(q, k, v, layout, config=config)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))

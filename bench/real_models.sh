@@ -20,7 +20,9 @@
 #   retrieval NAME RUN ARGS...                  wait for NAME to be prepared, then bench/bench_retrieval.py ARGS on
 #                                               it under the GPU lock, results in /root/runs/RUN
 #   e2e-densities JSON RUN ARGS...              bench/bench_e2e.py on Llama-3.1-8B with those per-layer densities
-#   profile N:DENSITY...                        Nsight Compute stall profile of one kernel launch per case
+#   kernel RUN ARGS...                          bench/bench_kernel.py ARGS under the GPU lock, results in /root/runs/RUN
+#   profile [--tag T] [--variant V | --kernel-file F] N:DENSITY...
+#                                               Nsight Compute stall profile of one kernel launch per case
 #                                               (bench/profile_kernel.py, 8B attention shape), in /root/runs/profile
 #
 # A session: the first call receives piece 0 and starts `prepare` and one `start`ed chain of GPU stages; later
@@ -73,15 +75,23 @@ e2e-densities)
     json=$1 run=$2; shift 2
     mkdir -p "/root/runs/$run"
     gpu_locked env OUT="/root/runs/$run" python3 bench/bench_e2e.py --arch llama-3.1-8b --densities "$json" "$@" ;;
+kernel)
+    run=$1; shift; mkdir -p "/root/runs/$run"
+    gpu_locked env OUT="/root/runs/$run" python3 bench/bench_kernel.py "$@" 2>&1 | tee "/root/runs/$run/bench_kernel.log" ;;
 profile)
-    out=/root/runs/profile; mkdir -p "$out"
+    # profile [--tag TAG] [--variant V | --kernel-file FILE] N:DENSITY...  (TAG names the output files)
+    out=/root/runs/profile; mkdir -p "$out"; tag=default; which=()
+    while [ "${1:-}" != "${1#--}" ]; do
+        case $1 in --tag) tag=$2 ;; --variant|--kernel-file) which+=("$1" "$2") ;; esac; shift 2
+    done
+    stalls='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio'
     for case in "$@"; do
-        n=${case%%:*} density=${case##*:}
-        gpu_locked python3 bench/profile_kernel.py --n "$n" --density "$density" --launches 10 | tee "$out/time_$case.txt"
+        args=(--n "${case%%:*}" --density "${case##*:}" "${which[@]}")
+        gpu_locked python3 bench/profile_kernel.py "${args[@]}" --launches 10 | tee "$out/time_${case}_$tag.txt"
         gpu_locked ncu --clock-control none -k regex:_block_sparse_attention_kernel -s 3 -c 1 \
             --section WarpStateStats --section SchedulerStats --section Occupancy --section SpeedOfLight \
-            --section LaunchStats --print-details all python3 bench/profile_kernel.py --n "$n" --density "$density" \
-            > "$out/ncu_$case.txt" 2>&1 || echo "ncu failed for $case (see $out/ncu_$case.txt)"
+            --section LaunchStats --metrics "$stalls" --print-details all python3 bench/profile_kernel.py "${args[@]}" \
+            > "$out/ncu_${case}_$tag.txt" 2>&1 || echo "ncu failed for $case (see $out/ncu_${case}_$tag.txt)"
     done ;;
 receive)
     cp "$@" "$MODELS/" && ls -la "$MODELS" ;;

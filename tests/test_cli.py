@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparse_prefill.cli import build_parser, main
 from sparse_prefill.eval import commands
@@ -155,6 +156,14 @@ def test_speed_times_attention_and_end_to_end_with_forced_density(tmp_path, caps
     e2e = rows[-1]
     assert e2e["note"] == "forced densities" and e2e["sparse_layers"] == 2 and e2e["density"] < 0.9
     assert isinstance(e2e["top1_match"], bool) and -1 <= e2e["logit_cosine"] <= 1.0001
+
+
+def test_dense_backends_can_be_narrowed_and_reject_unknown_names():
+    from sparse_prefill.eval.speed import dense_backends
+
+    assert dense_backends(torch.device("cpu"), ["cudnn"]) == {"sdpa": None}  # the CPU has one dense path
+    with pytest.raises(ValueError, match="cudnn"):
+        dense_backends(torch.device("cpu"), ["cudnn", "fa3"])
 
 
 def test_sweep_writes_the_accuracy_vs_speedup_curve(tmp_path, capsys):

@@ -27,13 +27,21 @@ from .recording import ForcedDensity, LayoutRecorder, intercept_layouts, num_lay
 from .runner import synchronize
 
 
-def dense_backends(device: torch.device) -> dict[str, object]:
-    """Named SDPA backends to compare against: cuDNN and flash attention on CUDA, the default elsewhere."""
+def dense_backends(device: torch.device, only: Sequence[str] | None = None) -> dict[str, object]:
+    """Named SDPA backends to compare against: cuDNN and flash attention on CUDA, the default elsewhere.
+
+    `only` keeps the named CUDA ones (e.g. ["cudnn"] where each dense prefill takes a minute).
+    """
+    names = ("cudnn", "flash")
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise ValueError(f"unknown dense backend(s) {unknown}; choose from {list(names)}.")
     if device.type != "cuda":
         return {"sdpa": None}
     from torch.nn.attention import SDPBackend
 
-    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    return {name: backends[name] for name in (only or names)}
 
 
 def _backend_context(backend):
@@ -80,8 +88,10 @@ def _dense_attention(q, k, v, backend):
 
 @torch.inference_mode()
 def attention_only(shape: tuple[int, int, int], length: int, config: SparsePrefillConfig, device, dtype,
-                   density: float | None = None, repeats: int = 3) -> list[dict]:
-    """Rows for one layer at `length`: each dense backend, then sparse selection, kernel and total."""
+                   density: float | None = None, repeats: int = 3,
+                   backends: Sequence[str] | None = None) -> list[dict]:
+    """Rows for one layer at `length`: each dense backend (`dense_backends(device, backends)`), then sparse
+    selection, kernel and total."""
     device = torch.device(device)
     hq, hkv, d = shape
     generator = torch.Generator(device=device).manual_seed(0)
@@ -89,7 +99,7 @@ def attention_only(shape: tuple[int, int, int], length: int, config: SparsePrefi
     k = torch.randn(1, hkv, length, d, device=device, dtype=dtype, generator=generator)
     v = torch.randn(1, hkv, length, d, device=device, dtype=dtype, generator=generator)
     rows = []
-    for name, backend in dense_backends(device).items():
+    for name, backend in dense_backends(device, backends).items():
         try:
             seconds = time_call(lambda b=backend: _dense_attention(q, k, v, b), device, repeats)
         except RuntimeError as err:  # a backend that refuses this shape or dtype
@@ -118,8 +128,10 @@ def attention_only(shape: tuple[int, int, int], length: int, config: SparsePrefi
 
 @torch.inference_mode()
 def end_to_end(model, input_ids: torch.Tensor, config: SparsePrefillConfig,
-               densities: Sequence[float] | float | None = None, repeats: int = 3) -> list[dict]:
-    """Rows for one prefill forward of `model` over input_ids [1, L]: dense per backend, then sparse."""
+               densities: Sequence[float] | float | None = None, repeats: int = 3,
+               backends: Sequence[str] | None = None) -> list[dict]:
+    """Rows for one prefill forward of `model` over input_ids [1, L]: dense per backend
+    (`dense_backends(device, backends)`), then sparse."""
     device = input_ids.device
     length = input_ids.shape[1]
 
@@ -128,7 +140,7 @@ def end_to_end(model, input_ids: torch.Tensor, config: SparsePrefillConfig,
 
     rows, reference = [], None
     unpatch_model(model)
-    for name, backend in dense_backends(device).items():
+    for name, backend in dense_backends(device, backends).items():
         with _backend_context(backend):
             try:
                 seconds = time_call(forward, device, repeats)
