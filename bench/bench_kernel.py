@@ -11,8 +11,11 @@ the bf16 error against the fp32 PyTorch reference (lengths up to --ref-max-len) 
     python bench/bench_kernel.py --sizes 32768 --densities 1,0.1,0.05 --variants default,tma:128x64:w8:s3
     python bench/bench_kernel.py --sizes 8192,32768,65536,131072 --baselines cudnn,flash,flex
 
-Variants: "default" (the wrapper's own choice) or LOADS:BMxBN:wW:sS with LOADS in
-pointer/tma. Layouts are built on the GPU from block masks (no token masks).
+Variants: "default" (the wrapper's own choice) or LOADS:BMxBN:wW:sS[:rR] with LOADS in
+pointer/tma and R a per-thread register cap. `--compare-kernel FILE` also times another revision of
+the kernel module (`git show REV:sparse_prefill/kernels/triton_attention.py > FILE`) as "before", so a
+change is measured against its predecessor in one run on one card. Layouts are built on the GPU from
+block masks (no token masks).
 Results go to stdout (a short table last) and, as JSON lines, to $OUT/bench_kernel.jsonl when OUT is set.
 """
 

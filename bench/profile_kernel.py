@@ -9,7 +9,8 @@ from outside, skipping the warm-up launches:
         python3 bench/profile_kernel.py --n 32768 --density 0.05
 
 Without a profiler it prints the median time of the launches, which is enough to tell whether the
-profiled launch was representative.
+profiled launch was representative. `--variant` takes a launch shape as bench_kernel.py does, and
+`--kernel-file` profiles another revision of the kernel module (before/after comparisons).
 """
 
 from __future__ import annotations
