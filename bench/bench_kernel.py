@@ -314,10 +314,10 @@ def run_size(n, args, device, flex_compiled, deadline):
             label = f"{who}:" + (spec if config is not None else
                                  "default(" + _describe(default_config(d, layout_bs, q)) + ")")
 
-            def ours(layout=layout, config=config, kernel=kernel):
+            def timed(layout=layout, config=config, kernel=kernel):
                 return kernel(q, k, v, layout, config=config)
             try:
-                out = ours()
+                out = timed()
                 torch.cuda.synchronize()
             except Exception as exc:
                 record(label, name, density, None, note=f"failed: {type(exc).__name__} {str(exc)[:150]}")
@@ -327,7 +327,7 @@ def run_size(n, args, device, flex_compiled, deadline):
             if err is not None:
                 err["vs"] = "reference" if ref is not None else "flex"
             del out
-            record(label, name, density, bench_ms(ours, n), err)
+            record(label, name, density, bench_ms(timed, n), err)
         del ref, flex_out
         torch.cuda.empty_cache()
     return rows

@@ -32,16 +32,15 @@ def dense_backends(device: torch.device, only: Sequence[str] | None = None) -> d
 
     `only` keeps the named CUDA ones (e.g. ["cudnn"] where each dense prefill takes a minute).
     """
-    names = ("cudnn", "flash")
-    unknown = sorted(set(only or ()) - set(names))
-    if unknown:
-        raise ValueError(f"unknown dense backend(s) {unknown}; choose from {list(names)}.")
-    if device.type != "cuda":
-        return {"sdpa": None}
     from torch.nn.attention import SDPBackend
 
     backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
-    return {name: backends[name] for name in (only or names)}
+    unknown = sorted(set(only or ()) - set(backends))
+    if unknown:
+        raise ValueError(f"unknown dense backend(s) {unknown}; choose from {list(backends)}.")
+    if device.type != "cuda":
+        return {"sdpa": None}
+    return {name: backends[name] for name in (only or backends)}
 
 
 def _backend_context(backend):
