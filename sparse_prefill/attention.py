@@ -27,15 +27,20 @@ def sparse_attention(
     scale: float | None = None,
     softcap: float | None = None,
     key_range: torch.Tensor | None = None,
+    last_chunk: bool = True,
     return_layout: bool = False,
 ):
     """Causal block-sparse attention: choose blocks for q over k, then attend to them exactly.
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (heads before length; Hq a multiple of Hkv; the queries are
-    the last Lq positions). `config` is a SparsePrefillConfig or a dict of its fields. Returns the
-    output [B, Hq, Lq, D], and the BlockLayout with `return_layout`.
+    the last Lq positions). `config` is a SparsePrefillConfig or a dict of its fields. `last_chunk=False`
+    says the prompt goes on after these queries (a prefill chunk): its exact tail and question columns
+    (`exact_tail_tokens`, `question_blocks`) are for the prompt's last queries, so this chunk skips them.
+    Returns the output [B, Hq, Lq, D], and the BlockLayout with `return_layout`.
     """
     config = as_config(config)
+    if not last_chunk:
+        config = config.replace(exact_tail_tokens=0, question_blocks=0)
     check_attention_inputs(q, k, v)
     check_key_range(key_range, q)
     if q.shape[2] == 0:  # no query: nothing to select or attend

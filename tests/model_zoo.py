@@ -32,3 +32,26 @@ def tiny_model(family: str, seed: int = 0, attn_implementation: str | None = Non
             if any(t in name for t in ("q_proj", "k_proj", "qkv_proj")):
                 p.mul_(4.0)
     return model
+
+
+def char_tokenizer():
+    """A character-level tokenizer over printable ASCII (98 ids: <unk>, <s>, </s>, then the characters), so a
+    tiny model can be served and prompted with text. Built in memory: nothing downloaded."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    return fast
+
+
+def save_tiny_checkpoint(path, family: str = "llama", **overrides) -> str:
+    """A tiny random-weight model and the character tokenizer saved as a Hugging Face folder (for servers)."""
+    model = tiny_model(family, **{"vocab_size": 128, "bos_token_id": 1, "eos_token_id": 2, **overrides})
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)

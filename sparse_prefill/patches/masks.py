@@ -8,7 +8,7 @@ says how many keys are real so the sparse path can drop the rest.
 
 Reading a mask costs a few host synchronisations and a pass over [B, Lq, Lk]. The mask is the
 same tensor for every layer of one forward, so the answer is stored on the tensor itself (per
-query/key length and tensor version) and later layers pay nothing.
+query/key length and tensor version, `remembered`) and later layers pay nothing.
 """
 
 from __future__ import annotations
@@ -49,22 +49,33 @@ def read_mask(mask, q_len: int, k_len: int, previous: str) -> tuple[MaskReading 
         return _read_missing_mask(q_len, k_len, previous)
     if not isinstance(mask, torch.Tensor):
         return None, f"an attention mask of type {type(mask).__name__}"
-    version = _version(mask)
-    readings = getattr(mask, _CACHE_ATTRIBUTE, None)
+    if mask.dim() == 2:
+        return remembered(mask, ("padding", k_len), lambda: _read_padding_mask(mask, k_len))
+    return remembered(mask, ("full", q_len, k_len), lambda: _read_full_mask(mask, q_len, k_len))
+
+
+def remembered(tensor: torch.Tensor, key, compute):
+    """`compute()`, stored on `tensor` under `key` until the tensor changes in place.
+
+    What a model hands every layer of one forward (a mask, the packed sequence lengths) is one tensor object,
+    so the first layer reads it to the host and the others reuse the answer.
+    """
+    version = _version(tensor)
+    readings = getattr(tensor, _CACHE_ATTRIBUTE, None)
     if readings is None:
         readings = {}
-        setattr(mask, _CACHE_ATTRIBUTE, readings)
-    seen = readings.get((q_len, k_len))
+        setattr(tensor, _CACHE_ATTRIBUTE, readings)
+    seen = readings.get(key)
     if seen is not None and seen[0] == version:
         return seen[1]
-    result = _read_padding_mask(mask, k_len) if mask.dim() == 2 else _read_full_mask(mask, q_len, k_len)
-    readings[(q_len, k_len)] = (version, result)
+    result = compute()
+    readings[key] = (version, result)
     return result
 
 
-def _version(mask: torch.Tensor) -> int | None:
+def _version(tensor: torch.Tensor) -> int | None:
     try:
-        return mask._version
+        return tensor._version
     except RuntimeError:  # inference-mode tensors keep no version counter (and transformers builds masks anew)
         return None
 

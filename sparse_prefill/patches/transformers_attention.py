@@ -1,15 +1,26 @@
 """patch_model / unpatch_model for transformers models, through `AttentionInterface`.
 
-For a model whose attention implementation was `prev` ("sdpa", "eager" or a flash attention),
-we register one attention function under "sparse_prefill:<prev>" and the mask function `prev`
-already uses, then switch the model to that name. The function runs the sparse path for long
-causal prefill and hands everything else (decode, short prompts, features the sparse path lacks)
-to `prev` unchanged, so dense results stay bit-identical. `unpatch_model` switches back.
+The hook. transformers dispatches attention by name through one registry (`AttentionInterface`), and
+its serving engines (`generate_batch`, the continuous-batching manager, `transformers serve`) accept
+a model only under the names they know: "sdpa", the flash attentions, "paged|eager". So the model
+keeps its name, and each of those registry entries is wrapped once by an attention function that
+asks whether the calling module belongs to a patched model (`_CONFIGS`): if not, it calls the
+original function untouched; if so, it runs the sparse path for long causal prefill and hands
+everything else (decode, short prompts, features the sparse path lacks) to the original unchanged,
+so dense results stay bit-identical. The engines then see the implementation they expect, whatever
+their version, and switching a patched model between those names (as continuous batching does when
+flash attention is installed) keeps it sparse. "eager" is no registry entry in every transformers
+version, so an eager model is switched to a name of our own, "sparse_prefill:eager", as before.
+`unpatch_model` drops the module from `_CONFIGS`; when no patched model is left the registry entries
+are restored. Upstream, a registry entry that could declare the calling convention it follows (e.g.
+`register(name, fn, like="sdpa")`) would let the engines accept any name and make the wrapping
+unnecessary.
 
-The mask `prev` builds is read once per forward (`masks.py`): padded batches run row by row as if
+The mask the model builds is read once per forward (`masks.py`): padded batches run row by row as if
 each row were alone (`padded_rows.py`), static caches lose their empty slots, and any other mask
-pattern goes dense. Under torch.compile the sparse branch runs eagerly between compiled graphs; the
-decision to take it depends on shapes only, so decode steps trace straight through.
+pattern goes dense. Packed calls of continuous batching run request by request (`packed.py`). Under
+torch.compile the sparse branch runs eagerly between compiled graphs; the decision to take it depends
+on shapes only, so decode steps trace straight through.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from ..kernels import triton_supports
 from ..notices import forget_warnings, warn_once
 from ..selection.estimate import num_proxies
 from .masks import MaskReading, read_mask
+from .packed import attend_packed
 from .padded_rows import attend_rows_alone, too_short_for_sparse
 
 try:  # where transformers >= 5 collects `output_attentions` through hooks
@@ -38,12 +50,19 @@ except ImportError:  # pragma: no cover - older layouts: fall back to the model 
 
 PREFIX = "sparse_prefill:"
 _SUPPORTED_PREVIOUS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+# Registry entries a patched model may be run under: its own, and those a serving engine switches it to
+# (continuous batching: flash attention when installed, "paged|eager" for eager models; older versions:
+# "paged|<name>"). Each present one is wrapped while a model is patched.
+_WRAPPED_NAMES = ("sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "paged|eager",
+                  "paged|sdpa", "paged|flash_attention_2", "paged|flash_attention_3", "paged|flash_attention_4")
 
 
 # Per attention module: the config it runs with. Weak keys: a deleted model leaves nothing behind.
 _CONFIGS: weakref.WeakKeyDictionary[torch.nn.Module, SparsePrefillConfig] = weakref.WeakKeyDictionary()
 # Per model: the implementation to restore on unpatch.
 _PREVIOUS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+# Per wrapped registry name: the function it held before (restored when no patched model is left).
+_ORIGINALS: dict[str, Callable] = {}
 
 
 def _warn_once(reason: str) -> None:
@@ -51,6 +70,10 @@ def _warn_once(reason: str) -> None:
 
 
 def _previous_attention(previous: str, module: torch.nn.Module) -> Callable:
+    """The dense implementation behind `previous`: the wrapped registry entry's original, or the model's own
+    eager function."""
+    if previous in _ORIGINALS:
+        return _ORIGINALS[previous]
     if previous == "eager":
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if eager is None:
@@ -59,27 +82,38 @@ def _previous_attention(previous: str, module: torch.nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[previous]
 
 
+def _call_reason(module, query, key, value, dropout, kwargs, causal: bool) -> str | None:
+    """Why no sparse path can serve this call (either calling convention: padded or packed), or None."""
+    if not causal:
+        return f"non-causal attention in {type(module).__name__}"
+    window = kwargs.get("sliding_window")
+    if window is not None and window < key.shape[2]:
+        return "sliding-window layers (they keep their exact windowed attention)"
+    if kwargs.get("output_attentions") or _recording_attentions(module):
+        return "output_attentions=True (the sparse path computes no attention weights)"
+    if dropout and module.training:
+        return "attention dropout in training mode"
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return "calls that need gradients (the sparse path is forward-only: run inference under torch.no_grad())"
+    for name in ("s_aux", "sinks", "position_bias", "head_mask"):
+        if kwargs.get(name) is not None:
+            return f"`{name}` (not supported by the sparse path)"
+    if value.shape != key.shape:
+        return f"values of head_dim {value.shape[-1]} with keys of head_dim {key.shape[-1]}"
+    return None
+
+
 def _dense_reason(previous, module, query, key, value, attention_mask, dropout, kwargs,
                   config) -> tuple[str | None, bool]:
-    """(why this call must be dense, whether to warn), or (None, _) when the sparse path may run."""
-    k_len = key.shape[2]
+    """(why this unpacked call must be dense, whether to warn), or (None, _) when the sparse path may run."""
     is_causal = kwargs.get("is_causal")
-    if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
-        return f"non-causal attention in {type(module).__name__}", True
-    window = kwargs.get("sliding_window")
-    if window is not None and window < k_len:
-        return "sliding-window layers (they keep their exact windowed attention)", True
-    if kwargs.get("output_attentions") or _recording_attentions(module):
-        return "output_attentions=True (the sparse path computes no attention weights)", True
-    if dropout and module.training:
-        return "attention dropout in training mode", True
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return "calls that need gradients (the sparse path is forward-only: run inference under torch.no_grad())", True
-    for name in ("s_aux", "sinks", "position_bias", "head_mask", "cu_seq_lens_q", "cu_seq_lens_k", "block_table"):
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    reason = _call_reason(module, query, key, value, dropout, kwargs, causal)
+    if reason is not None:
+        return reason, True
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k", "block_table"):
         if kwargs.get(name) is not None:
             return f"`{name}` (not supported by the sparse path)", True
-    if value.shape != key.shape:
-        return f"values of head_dim {value.shape[-1]} with keys of head_dim {key.shape[-1]}", True
     if previous.startswith("flash") and attention_mask is None and _packed_positions(kwargs.get("position_ids")):
         return "packed sequences (position_ids restart inside the batch)", True
     if query.is_cuda and config.backend == "auto":
@@ -106,6 +140,7 @@ def _packed_positions(position_ids) -> bool:
 
 
 def _make_attention(previous: str) -> Callable:
+    """The attention function registered for `previous`: sparse prefill for patched modules, else `previous`."""
     def sparse_prefill_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         config = _CONFIGS.get(module)
         # Shapes only, so torch.compile traces decode steps straight through to the previous implementation.
@@ -124,10 +159,19 @@ def _make_attention(previous: str) -> Callable:
 def _sparse_prefill(previous, module, query, key, value, attention_mask, dropout, scaling, kwargs,
                     config) -> torch.Tensor | None:
     """The sparse attention output [B, Lq, Hq, D], or None when this call must go to the dense implementation."""
+    softcap = kwargs.get("softcap")
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cache") is not None:  # continuous batching
+        reason = _call_reason(module, query, key, value, dropout, kwargs, getattr(module, "is_causal", True))
+        if reason is None and query.is_cuda and config.backend == "auto":
+            reason = triton_supports(query, config.block_size)
+        if reason is not None:
+            _warn_once(reason)
+            return None
+        dense = _previous_attention(previous, module)
+        return attend_packed(dense, module, query, key, value, attention_mask, dropout, scaling, kwargs, config)
     reading = _plan_sparse(previous, module, query, key, value, attention_mask, dropout, kwargs, config)
     if reading is None:
         return None
-    softcap = kwargs.get("softcap")
     key, value = key[:, :, :reading.num_keys], value[:, :, :reading.num_keys]
     if reading.rows is not None:
         out = attend_rows_alone(query, key, value, reading.rows, config, scale=scaling, softcap=softcap)
@@ -153,11 +197,26 @@ def _plan_sparse(previous, module, query, key, value, attention_mask, dropout, k
 
 
 def _register(previous: str) -> str:
-    name = PREFIX + previous
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _make_attention(previous))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
-    return name
+    """Route calls of `previous` from patched modules through the sparse path; returns the implementation name
+    a patched model runs under: `previous` itself for registry entries, "sparse_prefill:eager" for eager."""
+    if previous == "eager":  # no registry entry in every transformers version: a name of our own
+        name = PREFIX + previous
+        if name not in ALL_ATTENTION_FUNCTIONS:
+            AttentionInterface.register(name, _make_attention(previous))
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
+        return name
+    for name in _WRAPPED_NAMES:
+        if name in AttentionInterface._global_mapping and name not in _ORIGINALS:
+            _ORIGINALS[name] = AttentionInterface._global_mapping[name]
+            AttentionInterface.register(name, _make_attention(name))
+    return previous
+
+
+def _restore_registry() -> None:
+    """Put back the registry entries `_register` wrapped (when no patched model is left)."""
+    for name, original in _ORIGINALS.items():
+        AttentionInterface.register(name, original)
+    _ORIGINALS.clear()
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -169,8 +228,9 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
     """Make every causal self-attention layer of a transformers model run block-sparse prefill.
 
     Decode steps, prompts shorter than `config.min_seq_len` and anything the sparse path cannot do
-    exactly run the model's previous attention implementation unchanged. Patching again only
-    replaces the config. Returns the model.
+    exactly run the model's previous attention implementation unchanged. The model keeps its attention
+    implementation name (except eager, see the module docstring), so serving engines that accept it
+    accept the patched model. Patching again only replaces the config. Returns the model.
     """
     config = as_config(config)
     model_config = getattr(model, "config", None)
@@ -191,12 +251,15 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
 
     _check_heads(attention_modules, model_config, config)
 
-    previous = _PREVIOUS.get(model, model_config._attn_implementation)
+    current = model_config._attn_implementation
+    previous = _PREVIOUS[model] if current.startswith(PREFIX) else current
     if previous not in _SUPPORTED_PREVIOUS:
         raise ValueError(
             f"{type(model).__name__} uses attn_implementation={previous!r}; sparse_prefill falls back to 'sdpa', "
             "'eager' or flash attention. Call model.set_attn_implementation('sdpa') first.")
-    model.set_attn_implementation(_register(previous))
+    name = _register(previous)
+    if name != current:
+        model.set_attn_implementation(name)
     _PREVIOUS[model] = previous
     for module in model.modules():
         _CONFIGS[module] = config
@@ -230,11 +293,15 @@ def _check_heads(attention_modules, model_config, config: SparsePrefillConfig) -
 
 
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the attention implementation the model had before `patch_model`. Returns the model."""
+    """Make the model run exactly as before `patch_model`; when no patched model is left, the registry entries
+    `patch_model` wrapped are restored too. Returns the model."""
     previous = _PREVIOUS.pop(model, None)
     if previous is None:
         return model
-    model.set_attn_implementation(previous)
+    if model.config._attn_implementation.startswith(PREFIX):
+        model.set_attn_implementation(previous)
     for module in model.modules():
         _CONFIGS.pop(module, None)
+    if not _PREVIOUS:
+        _restore_registry()
     return model

@@ -1,0 +1,144 @@
+"""Packed calls of continuous batching: several requests in one row, each selected and attended alone.
+
+transformers' continuous batching (`generate_batch`, `transformers serve`) hands the attention one row of
+packed queries q [1, Hq, Tq, D] and the keys its paged cache read back, k/v [1, Hkv, Tk, D]; request i owns
+queries [cu_seq_lens_q[i], cu_seq_lens_q[i+1]) and keys [cu_seq_lens_k[i], cu_seq_lens_k[i+1]), and its
+queries are the last of its keys (a prefill chunk continues what the cache holds of its prompt). sdpa and
+eager also get a block-diagonal causal mask [.., Tq, Tk]; flash attention gets the lengths alone.
+
+Each request long enough for the sparse path is selected and attended as its own sequence, exactly as if it
+ran alone. Every other request (decode steps, short prompts) runs the engine's own attention function on its
+own slice of the call: what it would compute if that request were alone in the batch. So no request's output
+depends on which others share its batch, and a batch with no long request goes to the engine untouched.
+
+A prefill chunk whose prompt goes on in a later batch is no prompt end: it skips the exact tail and the
+question columns, which belong to the prompt's last queries (`sparse_attention(last_chunk=False)`). A
+request's last chunk is the one whose last query gives a token (`logits_indices` holds that position).
+
+The engine must hand over keys already read back from its cache: transformers >= 5.24. Older versions update
+the paged cache inside the attention function (a `cache` argument): those calls go to the engine unchanged,
+with one warning. A request the sparse path fails on (out of memory, say) runs densely with one warning rather
+than stopping the engine, which would fail every request in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import sparse_attention
+from ..config import SparsePrefillConfig
+from ..notices import warn_once
+from .masks import remembered
+from .padded_rows import too_short_for_sparse
+
+MIN_TRANSFORMERS = (5, 24)  # keys read back from the paged cache before the attention function is called
+
+
+@dataclass(frozen=True)
+class PackedRequests:
+    """The requests of one packed call, as host ints read once per forward.
+
+    q_bounds, k_bounds: each request's [start, end) in the packed queries and keys.
+    last_chunk: whether each request's queries end its prompt (its last query gives a token).
+    """
+
+    q_bounds: tuple[tuple[int, int], ...]
+    k_bounds: tuple[tuple[int, int], ...]
+    last_chunk: tuple[bool, ...]
+
+
+def read_packed(kwargs: dict, q_len: int, k_len: int) -> tuple[PackedRequests | None, str | None]:
+    """(PackedRequests, None) from a continuous-batching call's arguments, or (None, why they do not fit)."""
+    cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k")
+    if not isinstance(cu_k, torch.Tensor) or cu_q.dim() != 1 or cu_k.dim() != 1 or cu_q.numel() != cu_k.numel():
+        return None, "packed sequences without matching `cu_seq_lens_q` and `cu_seq_lens_k`"
+    logits = kwargs.get("logits_indices")
+    key = ("packed", q_len, k_len, kwargs.get("max_length_q"), kwargs.get("max_length_k"))
+    return remembered(cu_q, key, lambda: _read(cu_q, cu_k, logits, q_len, k_len))
+
+
+def _read(cu_q, cu_k, logits, q_len, k_len) -> tuple[PackedRequests | None, str | None]:
+    n = cu_q.numel()
+    parts = [cu_q, cu_k.to(cu_q.device)]
+    if isinstance(logits, torch.Tensor) and logits.dim() == 1:
+        parts.append(logits.to(cu_q.device))
+    values = torch.cat([p.to(torch.int64) for p in parts]).tolist()  # one host synchronisation
+    q_edges, k_edges, token_rows = values[:n], values[n:2 * n], values[2 * n:]
+    q_bounds = tuple(zip(q_edges[:-1], q_edges[1:], strict=True))
+    k_bounds = tuple(zip(k_edges[:-1], k_edges[1:], strict=True))
+    fits = (q_edges[0] == 0 == k_edges[0] and q_edges[-1] <= q_len and k_edges[-1] <= k_len
+            and all(0 <= qe - qs <= ke - ks for (qs, qe), (ks, ke) in zip(q_bounds, k_bounds, strict=True)))
+    if not fits:
+        return None, (f"packed sequence lengths that do not fit the call (cu_seq_lens_q={q_edges}, "
+                      f"cu_seq_lens_k={k_edges} for {q_len} queries and {k_len} keys)")
+    rows = set(token_rows)
+    last = tuple(not token_rows or end - 1 in rows for _, end in q_bounds)  # no logits_indices: assume the end
+    return PackedRequests(q_bounds, k_bounds, last), None
+
+
+def attend_packed(dense: Callable, module, query, key, value, attention_mask, dropout, scaling, kwargs: dict,
+                  config: SparsePrefillConfig) -> torch.Tensor | None:
+    """The output [1, Tq, Hq, D] of a packed call with each request attended alone (module docstring), or None
+    when the whole call should go to the engine's `dense` function unchanged."""
+    if kwargs.get("cache") is not None:
+        version = ".".join(map(str, MIN_TRANSFORMERS))
+        _warn(f"continuous batching on this transformers version, which updates its paged cache inside the "
+              f"attention function (sparse prefill there needs transformers >= {version})")
+        return None
+    if kwargs.get("block_table") is not None or query.shape[0] != 1:
+        return None  # the decode fast path, or not a packed row
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if isinstance(max_q, int) and isinstance(max_k, int) and too_short_for_sparse(max_q, max_k, config):
+        return None  # no request is long: nothing to read, the engine's call as it is
+    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+        _warn("a prefill captured in a CUDA graph (selection reads the request lengths on the host); turn graphs "
+              "off for the prefill path, e.g. ContinuousBatchingConfig(use_cuda_graph=(False, True))")
+        return None
+    requests, reason = read_packed(kwargs, query.shape[2], key.shape[2])
+    if reason is not None:
+        _warn(reason)
+        return None
+    long = [not too_short_for_sparse(qe - qs, ke - ks, config)
+            for (qs, qe), (ks, ke) in zip(requests.q_bounds, requests.k_bounds, strict=True)]
+    if not any(long):
+        return None
+
+    out = query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3])
+    for i, ((qs, qe), (ks, ke)) in enumerate(zip(requests.q_bounds, requests.k_bounds, strict=True)):
+        if qe == qs:
+            continue
+        q, k, v = query[:, :, qs:qe], key[:, :, ks:ke], value[:, :, ks:ke]
+        if long[i]:
+            try:
+                attended = sparse_attention(q, k, v, config, scale=scaling, softcap=kwargs.get("softcap"),
+                                            last_chunk=requests.last_chunk[i])
+                out[:, qs:qe] = attended.transpose(1, 2)
+                continue
+            except (RuntimeError, ValueError) as err:  # out of memory, say: this request runs dense instead
+                _warn(f"a request the sparse path failed on ({type(err).__name__}: {err})")
+        own = _one_request_kwargs(kwargs, (qs, qe), (ks, ke), query.shape[2], q.device)
+        mask = attention_mask
+        if isinstance(mask, torch.Tensor) and tuple(mask.shape[-2:]) == (query.shape[2], key.shape[2]):
+            mask = mask[..., qs:qe, ks:ke]
+        out[:, qs:qe] = dense(module, q, k, v, mask, dropout=dropout, scaling=scaling, **own)[0]
+    return out
+
+
+def _one_request_kwargs(kwargs: dict, q_bounds, k_bounds, q_len: int, device) -> dict:
+    """The engine's arguments for one request alone: its own lengths and positions."""
+    (qs, qe), (ks, ke) = q_bounds, k_bounds
+    own = dict(kwargs)
+    own["cu_seq_lens_q"] = torch.tensor([0, qe - qs], dtype=torch.int32, device=device)
+    own["cu_seq_lens_k"] = torch.tensor([0, ke - ks], dtype=torch.int32, device=device)
+    own["max_length_q"], own["max_length_k"] = qe - qs, ke - ks
+    positions = kwargs.get("position_ids")
+    if isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[-1] == q_len:
+        own["position_ids"] = positions[:, qs:qe]
+    return own
+
+
+def _warn(reason: str) -> None:
+    warn_once(f"sparse_prefill: dense attention used for {reason}.", stacklevel=4)

@@ -1,0 +1,249 @@
+"""Continuous batching (`generate_batch`) with a patched model: packed requests, chunked prefill, faults.
+
+transformers' continuous batching packs several requests into one row and prefills long prompts in chunks
+through its paged cache. A patched model must enter it as it is, give dense's tokens with gamma=1, attend
+each long request as if it were alone, and never let a request's output depend on its batch-mates.
+CPU, tiny random-weight models; the paged cache is kept small so that a run takes a second.
+"""
+
+import warnings
+from importlib.metadata import version
+
+import pytest
+import torch
+from model_zoo import tiny_model
+from transformers import GenerationConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from sparse_prefill import SparsePrefillConfig, patch_model, sparse_attention, unpatch_model
+from sparse_prefill.notices import forget_warnings
+from sparse_prefill.patches import SparsePrefillWarning, packed
+from sparse_prefill.patches import transformers_attention as glue
+
+EXACT = SparsePrefillConfig(block_size=64, gamma=1.0, min_budget_tokens=0, min_seq_len=0)
+TIGHT = SparsePrefillConfig(block_size=64, gamma=0.4, min_budget_tokens=0, min_seq_len=0, local_blocks=0,
+                            exact_tail_tokens=64, question_blocks=2)
+LENGTHS = (700, 40, 300, 150)  # one prompt chunked at 256 tokens a batch, packed with short ones
+# Sparse prefill in continuous batching needs the keys read back from the paged cache before the attention call.
+needs_cb = pytest.mark.skipif(tuple(int(p) for p in version("transformers").split(".")[:2]) < packed.MIN_TRANSFORMERS,
+                              reason="continuous batching with sparse prefill needs transformers >= 5.24")
+
+
+def prompts(lengths=LENGTHS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
+
+
+def generate_batch(model, inputs, max_batch_tokens=256, new_tokens=4):
+    """Greedy tokens per request, in request order."""
+    from transformers import ContinuousBatchingConfig
+
+    cb = ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens, num_blocks=128, page_size=32)
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        out = model.generate_batch(inputs, gen, continuous_batching_config=cb, progress_bar=False)
+    return [out[f"req_{i}"].generated_tokens for i in range(len(inputs))]
+
+
+@pytest.fixture
+def sparse_calls(monkeypatch):
+    """Each sparse call the packed path makes: (queries, keys, last_chunk)."""
+    calls = []
+    inner = packed.sparse_attention
+
+    def spy(q, k, v, config, **kwargs):
+        calls.append((q.shape[2], k.shape[2], kwargs["last_chunk"]))
+        return inner(q, k, v, config, **kwargs)
+
+    monkeypatch.setattr(packed, "sparse_attention", spy)
+    return calls
+
+
+@needs_cb
+@pytest.mark.parametrize("family, overrides", [
+    ("llama", {}),
+    ("qwen2", {}),
+    ("mistral", {"sliding_window": 96}),  # every layer windowed: the engine's own attention, exactly
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 96,
+               "layer_types": ["full_attention", "sliding_attention"]}),  # hybrid: layer 0 sparse, layer 1 not
+])
+def test_generate_batch_with_gamma_1_gives_dense_tokens(family, overrides, sparse_calls):
+    model = tiny_model(family, **overrides)
+    dense = generate_batch(model, prompts())
+    patch_model(model, EXACT)
+    assert model.config._attn_implementation == "sdpa"  # what continuous batching accepts
+    assert generate_batch(model, prompts()) == dense
+    windowed = overrides.get("sliding_window") is not None and "layer_types" not in overrides
+    assert bool(sparse_calls) != windowed, "long requests go sparse unless every layer is windowed"
+    unpatch_model(model)
+    assert generate_batch(model, prompts()) == dense
+
+
+@needs_cb
+def test_chunked_prefill_marks_only_the_prompt_end_as_last_chunk(sparse_calls):
+    model = patch_model(tiny_model("llama"), TIGHT)
+    tokens = generate_batch(model, prompts((600,)), max_batch_tokens=256)
+    assert len(tokens[0]) == 4
+    # 600 tokens at 256 a batch: chunks of 256 (keys 256), 256 (keys 512), 88 (keys 600); one call per layer.
+    assert sparse_calls == [(256, 256, False)] * 2 + [(256, 512, False)] * 2 + [(88, 600, True)] * 2
+
+
+@needs_cb
+def test_no_request_depends_on_its_batch_mates():
+    model = patch_model(tiny_model("llama"), TIGHT)
+    inputs = prompts((500, 300, 90, 40), seed=3)
+    together = generate_batch(model, inputs, max_batch_tokens=2048)  # one prefill batch, no chunking
+    alone = [generate_batch(model, [p], max_batch_tokens=2048)[0] for p in inputs]
+    assert together == alone
+
+
+# ---------------------------------------------------------------------------------------------
+# The packed call itself: what the attention function gets from continuous batching
+# ---------------------------------------------------------------------------------------------
+
+def packed_call(q_lens, k_lens, seed=0):
+    """q [1, 4, Tq, 16], k/v [1, 2, Tk, 16], sdpa's block-diagonal causal mask and the engine's arguments."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 4, sum(q_lens), 16, generator=g) * 2
+    k, v = (torch.randn(1, 2, sum(k_lens), 16, generator=g) for _ in range(2))
+    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
+    mask = torch.full((1, 1, sum(q_lens), sum(k_lens)), torch.finfo(torch.float32).min)
+    for i in range(len(q_lens)):
+        rows = torch.arange(cu_q[i], cu_q[i + 1])
+        cols = torch.arange(cu_k[i], cu_k[i + 1])
+        allowed = cols[None] - cu_k[i] <= rows[:, None] - cu_q[i] + (k_lens[i] - q_lens[i])
+        mask[0, 0, cu_q[i]:cu_q[i + 1], cu_k[i]:cu_k[i + 1]] = torch.where(allowed, 0.0, mask.min())
+    kwargs = dict(cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=max(q_lens), max_length_k=max(k_lens),
+                  logits_indices=cu_q[1:] - 1, is_causal=False)
+    return q, k, v, mask, kwargs
+
+
+def attention_module(config):
+    module = torch.nn.Module()
+    module.is_causal, module.layer_idx, module.num_key_value_groups = True, 0, 2
+    glue._CONFIGS[module] = config
+    return ALL_ATTENTION_FUNCTIONS[glue._register("sdpa")], module
+
+
+def request(x, bounds, i):
+    return x[:, :, bounds[i]:bounds[i + 1]]
+
+
+def test_each_request_of_a_pack_gets_what_it_gets_alone():
+    q_lens, k_lens = (300, 1, 40, 200), (300, 500, 40, 700)  # a prompt, a decode step, a short prompt, a chunk
+    q, k, v, mask, kwargs = packed_call(q_lens, k_lens)
+    attention, module = attention_module(TIGHT)
+    out, weights = attention(module, q, k, v, mask, scaling=0.25, **kwargs)
+    assert weights is None and out.shape == (1, sum(q_lens), 4, 16)
+    cu_q, cu_k = kwargs["cu_seq_lens_q"].tolist(), kwargs["cu_seq_lens_k"].tolist()
+    for i in range(len(q_lens)):
+        got = out[:, cu_q[i]:cu_q[i + 1]].transpose(1, 2)
+        qi, ki, vi = request(q, cu_q, i), request(k, cu_k, i), request(v, cu_k, i)
+        if q_lens[i] >= TIGHT.block_size:  # sparse, selected for this request alone
+            want = sparse_attention(qi, ki, vi, TIGHT, scale=0.25)
+            assert torch.equal(got, want), i
+        else:  # the engine's own function on this request alone
+            mask_i = mask[..., cu_q[i]:cu_q[i + 1], cu_k[i]:cu_k[i + 1]]
+            want = sdpa_attention_forward(module, qi, ki, vi, mask_i, scaling=0.25, is_causal=False)[0]
+            assert torch.equal(got, want.transpose(1, 2)), i
+    dense = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25, is_causal=False)[0]
+    assert (out - dense).abs().max() > 1e-3, "gamma 0.4 must change the long requests"
+
+
+def test_a_pack_with_no_long_request_is_the_engines_call_unchanged(monkeypatch):
+    q, k, v, mask, kwargs = packed_call((40, 30, 1), (40, 30, 900))
+    attention, module = attention_module(TIGHT)
+    monkeypatch.setattr(packed, "read_packed", lambda *a: pytest.fail("no host read for a pack of short requests"))
+    out, _ = attention(module, q, k, v, mask, scaling=0.25, **kwargs)
+    assert torch.equal(out, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25, is_causal=False)[0])
+
+
+def test_only_the_request_whose_last_query_gives_a_token_is_a_prompt_end(monkeypatch):
+    q, k, v, mask, kwargs = packed_call((200, 150), (200, 800))
+    kwargs["logits_indices"] = torch.tensor([349], dtype=torch.int32)  # request 0 is a chunk of a longer prompt
+    seen = []
+    monkeypatch.setattr(packed, "sparse_attention", lambda q, *a, **kw: seen.append(kw["last_chunk"]) or q)
+    attention, module = attention_module(TIGHT)
+    attention(module, q, k, v, mask, scaling=0.25, **kwargs)
+    assert seen == [False, True]
+
+
+def test_a_chunk_that_is_no_prompt_end_skips_the_tail_and_question_columns():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(1, 4, 256, 16, generator=g) * 2, *(torch.randn(1, 2, 1024, 16, generator=g) for _ in "kv")
+    config = TIGHT.replace(exact_tail_tokens=128, question_blocks=4)
+    _, end = sparse_attention(q, k, v, config, return_layout=True)
+    _, chunk = sparse_attention(q, k, v, config, last_chunk=False, return_layout=True)
+    _, plain = sparse_attention(q, k, v, config.replace(exact_tail_tokens=0, question_blocks=0), return_layout=True)
+    assert torch.equal(chunk.to_mask(), plain.to_mask())
+    assert end.to_mask().sum() > chunk.to_mask().sum()
+
+
+def test_a_request_the_sparse_path_fails_on_runs_dense_with_one_warning(monkeypatch):
+    q, k, v, mask, kwargs = packed_call((300, 200), (300, 200))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(packed, "sparse_attention", out_of_memory)
+    attention, module = attention_module(TIGHT)
+    forget_warnings()
+    with pytest.warns(SparsePrefillWarning, match="failed on.*OutOfMemoryError") as caught:
+        out, _ = attention(module, q, k, v, mask, scaling=0.25, **kwargs)
+    assert len([w for w in caught if "failed on" in str(w.message)]) == 1
+    dense = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25, is_causal=False)[0]
+    assert torch.allclose(out, dense, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda kw: kw.update(cu_seq_lens_k=kw["cu_seq_lens_k"][:-1]), "matching"),
+    (lambda kw: kw.update(cu_seq_lens_q=torch.tensor([0, 300, 900], dtype=torch.int32)), "do not fit"),
+    (lambda kw: kw.update(cache=object()), "transformers >= 5.24"),  # an engine that updates its cache here
+])
+def test_packed_calls_the_sparse_path_cannot_read_go_to_the_engine_with_a_warning(change, reason):
+    q, k, v, mask, kwargs = packed_call((300, 200), (300, 200))
+    change(kwargs)
+    calls = []
+    dense = glue._ORIGINALS.get("sdpa")
+    attention, module = attention_module(TIGHT)
+    glue._ORIGINALS["sdpa"] = lambda *a, **kw: calls.append(kw) or (torch.zeros(1, 500, 4, 16), None)
+    try:
+        forget_warnings()
+        with pytest.warns(SparsePrefillWarning, match=reason):
+            attention(module, q, k, v, mask, scaling=0.25, **kwargs)
+    finally:
+        glue._ORIGINALS["sdpa"] = dense or sdpa_attention_forward
+    assert len(calls) == 1 and calls[0].get("cu_seq_lens_q") is kwargs["cu_seq_lens_q"]
+
+
+def test_flash_style_packs_give_the_engine_one_request_at_a_time(monkeypatch):
+    """Flash attention cannot run here: a stand-in records what the engine's function is handed per request."""
+    q, k, v, _, kwargs = packed_call((300, 40, 1), (300, 40, 77))
+    kwargs.update(is_causal=True, position_ids=torch.arange(341)[None])
+    handed = []
+
+    def flash(module, q, k, v, mask, **kw):
+        handed.append((q.shape[2], k.shape[2], kw["cu_seq_lens_q"].tolist(), kw["cu_seq_lens_k"].tolist(),
+                       kw["max_length_q"], kw["max_length_k"], tuple(kw["position_ids"].shape), mask))
+        return torch.zeros(1, q.shape[2], q.shape[1], q.shape[3]), None
+
+    out = packed.attend_packed(flash, attention_module(TIGHT)[1], q, k, v, None, 0.0, 0.25, kwargs, TIGHT)
+    assert handed == [(40, 40, [0, 40], [0, 40], 40, 40, (1, 40), None), (1, 77, [0, 1], [0, 77], 1, 77, (1, 1), None)]
+    assert out.shape == (1, 341, 4, 16) and out[:, :300].abs().sum() > 0
+
+
+def test_unpatching_the_last_model_restores_the_registry_and_unpatched_models_compile_fully():
+    patched, other = tiny_model("llama"), tiny_model("llama", seed=1)
+    patch_model(patched, EXACT)
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
+    ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # another model's calls pass through the wrapper, without a graph break
+        want = other(ids).logits
+        torch._dynamo.reset()
+        got = torch.compile(other, backend="eager", fullgraph=True)(ids).logits
+    assert torch.equal(got, want)
+    unpatch_model(patched)
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
