@@ -1,6 +1,6 @@
 """The `sparse-prefill` command: evaluation, speed and model-fetching subcommands.
 
-    sparse-prefill niah | ruler | ppl | speed | sweep | recall | fetch-model | lm-eval
+    sparse-prefill niah | ruler | ppl | speed | sweep | recall | fetch-model | lm-eval | serve
 
 Run any of them with no `--model` to use the embedded tiny random-weight model (a smoke run on a
 CPU). The subcommands live in `sparse_prefill.eval.commands` (and `eval.recall`). Building the parser
@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.commands import add_parsers
 
     add_parsers(subparsers)
+    subparsers.add_parser("serve", add_help=False, help="transformers serve with every model it loads patched; "
+                          "SparsePrefillConfig fields as flags (--gamma 0.9), the rest go to transformers serve")
     return parser
 
 
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         from .eval.lm_harness import main as lm_eval_main
 
         return lm_eval_main(argv[1:])
+    if argv[:1] == ["serve"]:  # our config flags, then every other argument belongs to transformers serve
+        from .patches.serve import main as serve_main
+
+        return serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,0 +1,131 @@
+"""`sparse-prefill serve`: a real `transformers serve` process on localhost, a real OpenAI client.
+
+One server, started once for the module with a tiny random-weight model and a character tokenizer saved to a
+temporary folder (nothing downloaded), continuous batching on, gamma=1 (so every answer must equal dense
+generation of the same checkpoint), a context of 1024 tokens. Every request is bounded (timeouts, a few
+requests); the server and its model process are stopped at the end.
+"""
+
+import concurrent.futures
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai", reason="the serve extra is not installed: pip install -e '.[serve]'")
+transformers = pytest.importorskip("transformers")
+from model_zoo import char_tokenizer, save_tiny_checkpoint  # noqa: E402
+from transformers.utils.import_utils import is_serve_available  # noqa: E402
+
+from sparse_prefill.patches import serve as serve_glue  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not is_serve_available(), reason="transformers serve's dependencies are missing")
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--gamma", "1.0", "--block-size", "64", "--min-seq-len", "0", "--min-budget-tokens", "0"]
+PROMPTS = ["the quick brown fox jumps over the lazy dog " * 12, "0123456789" * 40, "short prompt"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+    port, log = free_port(), tmp_path_factory.mktemp("log") / "serve.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "sparse_prefill.cli", "serve", folder, *FLAGS, "--host", "127.0.0.1",
+               "--port", str(port), "--device", "cpu", "--continuous-batching", "--cb-num-blocks", "128",
+               "--cb-block-size", "32", "--cb-max-batch-tokens", "256", "--max-model-len", "1024"]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                   start_new_session=True)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=60, max_retries=0)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server stopped while starting:\n{log.read_text()[-3000:]}")
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the server did not answer within 180 s:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield client, folder, log
+    finally:
+        os.killpg(process.pid, 15)  # the server and the model process it started
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait(10)
+
+
+def complete(client, folder, prompt, tokens=5):
+    answer = client.completions.create(model=folder, prompt=prompt, max_tokens=tokens, temperature=0)
+    return answer.choices[0].text
+
+
+def dense_text(folder, prompt, tokens=5):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+    ids = char_tokenizer()(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
+    return char_tokenizer().decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_the_served_model_is_patched_and_answers_as_dense(server):
+    client, folder, log = server
+    for prompt in PROMPTS:
+        assert complete(client, folder, prompt) == dense_text(folder, prompt), prompt
+    assert "patched for sparse prefill (sdpa attention)" in log.read_text()
+
+
+def test_concurrent_requests_of_mixed_lengths_are_all_answered(server):
+    client, folder, _ = server
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda p: complete(client, folder, p), PROMPTS * 2))
+    assert texts == [dense_text(folder, p) for p in PROMPTS] * 2
+
+
+@pytest.mark.parametrize("bad", [
+    dict(prompt="x" * 1500),  # longer than the server's 1024-token context
+    dict(prompt=[5, 99999, 7]),  # token ids (one out of the vocabulary) where the server takes text
+])
+def test_a_bad_request_gets_an_error_and_the_server_keeps_serving(server, bad):
+    client, folder, _ = server
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model=folder, **{"max_tokens": 5, "temperature": 0, **bad})
+    assert 400 <= err.value.status_code < 500
+    assert complete(client, folder, PROMPTS[0]) == dense_text(folder, PROMPTS[0])
+
+
+def test_config_flags_are_ours_and_the_rest_is_left_for_transformers_serve():
+    config, rest = serve_glue.parse_config_flags(["MODEL", "--gamma", "0.9", "--port", "9", "--proxy-heads=kv"])
+    assert (config.gamma, config.proxy_heads, rest) == (0.9, "kv", ["MODEL", "--port", "9"])
+    with pytest.raises(ValueError, match="gamma"):
+        serve_glue.parse_config_flags(["--gamma", "1.5"])
+
+
+def test_an_old_transformers_is_told_what_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(serve_glue, "installed_transformers", lambda: "5.17.0")
+    assert serve_glue.main(["MODEL"]) == 2
+    assert "needs transformers >= 5.25" in capsys.readouterr().err
+
+
+def test_prefill_graphs_go_off_only_where_the_user_chose_nothing():
+    from transformers import ContinuousBatchingConfig
+
+    assert serve_glue._with_prefill_graphs_off(None, True).use_cuda_graph == (False, True)
+    chosen = ContinuousBatchingConfig(use_cuda_graph=True)
+    assert serve_glue._with_prefill_graphs_off(chosen, True).use_cuda_graph is True
