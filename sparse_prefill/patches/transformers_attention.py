@@ -160,6 +160,7 @@ def _sparse_prefill(previous, module, query, key, value, attention_mask, dropout
                     config) -> torch.Tensor | None:
     """The sparse attention output [B, Lq, Hq, D], or None when this call must go to the dense implementation."""
     softcap = kwargs.get("softcap")
+    config = _rank_config(module, query.shape[1], config)
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cache") is not None:  # continuous batching
         reason = _call_reason(module, query, key, value, dropout, kwargs, getattr(module, "is_causal", True))
         if reason is None and query.is_cuda and config.backend == "auto":
@@ -249,7 +250,7 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
         raise NotImplementedError(
             f"{type(model).__name__} has no causal self-attention layer; sparse prefill is for causal LMs.")
 
-    _check_heads(attention_modules, model_config, config)
+    _check_heads(attention_modules, model_config, config, shards=getattr(model, "_tp_size", None) or 1)
 
     current = model_config._attn_implementation
     previous = _PREVIOUS[model] if current.startswith(PREFIX) else current
@@ -280,13 +281,30 @@ def _head_counts(module: torch.nn.Module, model_config) -> tuple[int, int] | Non
     return hq, getattr(text, "num_key_value_heads", None) or hq
 
 
-def _check_heads(attention_modules, model_config, config: SparsePrefillConfig) -> None:
+def _rank_config(module, local_heads: int, config: SparsePrefillConfig) -> SparsePrefillConfig:
+    """The config for a call that sees `local_heads` of the layer's query heads (tensor parallelism puts a slice of
+    the heads on each GPU). "q" and "kv" mean the same on a slice; an int number of proxies is for the whole layer,
+    so each slice gets its share of them (`_check_heads` made sure the share is whole)."""
+    if not isinstance(config.proxy_heads, int):
+        return config
+    counts = _head_counts(module, getattr(module, "config", None))
+    if counts is None or counts[0] == local_heads or counts[0] % local_heads:
+        return config
+    return config.replace(proxy_heads=max(1, config.proxy_heads * local_heads // counts[0]))
+
+
+def _check_heads(attention_modules, model_config, config: SparsePrefillConfig, shards: int = 1) -> None:
     """Refuse a `proxy_heads` that some layer's head counts do not fit, now rather than at the first long forward."""
     for module in attention_modules:
         counts = _head_counts(module, model_config)
         if counts is not None:
             try:
                 num_proxies(*counts, config.proxy_heads)
+                if isinstance(config.proxy_heads, int) and shards > 1:  # each GPU's slice: its share of proxies
+                    if config.proxy_heads % shards or counts[1] % shards:
+                        raise ValueError(f"proxy_heads={config.proxy_heads} pools heads that tensor parallelism puts "
+                                         f"on {shards} GPUs: use \"q\", \"kv\" or a multiple of {shards}")
+                    num_proxies(counts[0] // shards, counts[1] // shards, config.proxy_heads // shards)
             except ValueError as err:
                 name = type(module).__name__
                 raise ValueError(f"SparsePrefillConfig.proxy_heads does not fit {name}: {err}") from None
