@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -251,7 +252,7 @@ def serve_command(mode: str, folder: str, port: int, args, config: SparsePrefill
               "bfloat16" if args.device == "cuda" else "float32", "--continuous-batching", "--cb-block-size",
               str(PAGE), "--cb-num-blocks", str(blocks), "--cb-max-batch-tokens", str(args.chunk), "--model-timeout",
               "-1", "--max-model-len", str(max(args.long_lengths) + args.new_tokens + 64),
-              "--attn-implementation", "sdpa"]
+              "--attn-implementation", "sdpa"]  # transformers' defaults otherwise: sdpa captures no CUDA graph
     if mode == "dense":
         return [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", *common]
     fields = {"gamma": config.gamma, "min-seq-len": config.effective_min_seq_len, "block-size": config.block_size}
@@ -328,7 +329,7 @@ def stage_chunked(model, tok, args, config, device) -> list[dict]:
     recorder = LayoutRecorder(num_layers(model))
     modes = [("sparse", config, None), ("exact", config.replace(gamma=1.0), None)]
     modes += [(f"chunk{n // 1024}k" if n % 1024 == 0 else f"chunk{n}", config, n) for n in args.chunk_sizes]
-    for length in args.lengths:
+    for length in args.chunked_lengths:
         for task in args.tasks:
             for seed in range(args.seeds):
                 example = prompt(tok, length, seed=seed, task=task, depth=(seed + 0.5) / args.seeds)
@@ -349,7 +350,7 @@ def stage_chunked(model, tok, args, config, device) -> list[dict]:
                                  "density": recorder.mean_density()})
     unpatch_model(model)
     table = []
-    for length in args.lengths:
+    for length in args.chunked_lengths:
         dense = {(r["task"], r["seed"]): r["score"] for r in rows if r["length"] == length and r["mode"] == "dense"}
         for mode in ["dense"] + [m[0] for m in modes]:
             cell = [r for r in rows if r["length"] == length and r["mode"] == mode]
@@ -374,10 +375,12 @@ def main(argv=None) -> int:
     p.add_argument("--yarn", type=float, default=None, help="YaRN rope scaling factor (4 for 64K-128K on Qwen2.5)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--stages", default="ttft,mixed,overhead,serve,chunked")
-    p.add_argument("--lengths", type=parse_tokens, default=parse_tokens("64k,128k"), help="ttft and chunked lengths")
+    p.add_argument("--lengths", type=parse_tokens, default=parse_tokens("64k,128k"), help="ttft stage lengths")
+    p.add_argument("--chunked-lengths", type=parse_tokens, default=parse_tokens("32k,64k,128k"))
     p.add_argument("--chunk", type=int, default=8192, help="generate_batch / serve prefill chunk (max batch tokens)")
     p.add_argument("--long", type=int, default=2)
-    p.add_argument("--long-lengths", type=parse_tokens, default=parse_tokens("64k,128k"))
+    p.add_argument("--long-lengths", type=parse_tokens, default=parse_tokens("64k,120k"),
+                   help="prompt lengths of the long requests (a served request must fit the model's context)")
     p.add_argument("--short", type=int, default=8)
     p.add_argument("--short-length", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -400,14 +403,21 @@ def main(argv=None) -> int:
     print(f"model {args.model} ({type(model).__name__}, {num_layers(model)} layers) on {device}"
           f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}; config {config}", flush=True)
     results = {"args": {k: v for k, v in vars(args).items()}, "config": str(config)}
+    failed = []
     for name in args.stages.split(","):
         print(f"\n== {name}", flush=True)
         started = time.perf_counter()
-        with torch.no_grad():
-            results[name] = STAGES[name](model, tok, args, config, device)
+        try:
+            with torch.no_grad():
+                results[name] = STAGES[name](model, tok, args, config, device)
+        except Exception:  # one stage's failure must not cost the others' figures
+            results[name] = {"error": traceback.format_exc()}
+            failed.append(name)
+            print(results[name]["error"], flush=True)
+            unpatch_model(model)
         print(f"({name}: {time.perf_counter() - started:.0f} s)", flush=True)
         (Path(args.out) / "serving.json").write_text(json.dumps(results, indent=1, default=str))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@
 #   retrieval NAME RUN ARGS...                  wait for NAME to be prepared, then bench/bench_retrieval.py ARGS on
 #                                               it under the GPU lock, results in /root/runs/RUN
 #   e2e-densities JSON RUN ARGS...              bench/bench_e2e.py on Llama-3.1-8B with those per-layer densities
+#   serving NAME RUN ARGS...                    bench/bench_serving.py on NAME (continuous batching, transformers serve)
 #   kernel RUN ARGS...                          bench/bench_kernel.py ARGS under the GPU lock, results in /root/runs/RUN
 #   profile [--tag T] [--variant V | --kernel-file F] N:DENSITY...
 #                                               Nsight Compute stall profile of one kernel launch per case
@@ -36,8 +37,9 @@ cd "$(dirname "$0")/.."
 MODELS=${MODELS:-/root/models}
 RESULTS=${OUT:-./out}
 mkdir -p "$MODELS" "$RESULTS"
-if [ -d .gpu/whl ] && ! [ -d /root/site/gguf ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site .gpu/whl/*.whl
+if [ -d .gpu/whl ] && ! [ -e /root/site/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site .gpu/whl/*.whl \
+        && touch /root/site/.installed
 fi
 export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1
 cli() { python3 -m sparse_prefill.cli "$@" --no-progress; }
@@ -71,6 +73,13 @@ retrieval)
     until [ -e "$MODELS/$name.ready" ]; do sleep 2; done
     mkdir -p "/root/runs/$run"
     gpu_locked env OUT="/root/runs/$run" python3 bench/bench_retrieval.py --model "$MODELS/$name" "$@" ;;
+serving)
+    # serving NAME RUN ARGS...: bench/bench_serving.py on the prepared model (transformers >= 5.25 comes as a wheel)
+    name=$1 run=$2; shift 2
+    until [ -e "$MODELS/$name.ready" ]; do sleep 2; done
+    mkdir -p "/root/runs/$run"
+    gpu_locked env OUT="/root/runs/$run" python3 bench/bench_serving.py --model "$MODELS/$name" "$@" \
+        2>&1 | tee "/root/runs/$run/bench_serving.log" ;;
 e2e-densities)
     json=$1 run=$2; shift 2
     mkdir -p "/root/runs/$run"

@@ -123,9 +123,10 @@ def test_an_old_transformers_is_told_what_to_install(monkeypatch, capsys):
     assert "needs transformers >= 5.25" in capsys.readouterr().err
 
 
-def test_prefill_graphs_go_off_only_where_the_user_chose_nothing():
+def test_prefill_graphs_go_off_for_flash_attention_where_the_user_chose_nothing():
     from transformers import ContinuousBatchingConfig
 
-    assert serve_glue._with_prefill_graphs_off(None, True).use_cuda_graph == (False, True)
+    assert serve_glue._with_prefill_graphs_off(None, flash=True).use_cuda_graph == (False, True)
+    assert serve_glue._with_prefill_graphs_off(None, flash=False) is None  # sdpa: transformers captures nothing
     chosen = ContinuousBatchingConfig(use_cuda_graph=True)
-    assert serve_glue._with_prefill_graphs_off(chosen, True).use_cuda_graph is True
+    assert serve_glue._with_prefill_graphs_off(chosen, flash=True).use_cuda_graph is True

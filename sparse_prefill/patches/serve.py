@@ -9,13 +9,11 @@ with the config given on the command line (the config travels with the pickled l
 the HTTP API, continuous batching, the paged cache, request errors — is transformers serve unchanged; the
 patched model enters continuous batching like any sdpa or flash model (see `transformers_attention.py`).
 
-With continuous batching, prefill batches run outside CUDA graphs (the selection reads each request's
-length on the host): where the user sets nothing, the prefill path's graphs are off and the decode path's
-are left to transformers (`use_cuda_graph=(False, None)` is not a setting transformers takes, so both are
-given: (False, True) on a GPU).
-
-The same holds for `generate_batch` with flash attention, where transformers turns graphs on by default:
-pass `ContinuousBatchingConfig(use_cuda_graph=(False, True))`.
+With continuous batching, prefill batches must run outside CUDA graphs (the selection reads each request's
+length on the host). transformers captures graphs by default only for flash attention (which continuous
+batching switches to whenever it is installed): there, where the user set nothing, the prefill path's graphs go
+off and the decode path keeps its own, `use_cuda_graph=(False, True)`; with sdpa nothing changes. The same holds
+for `generate_batch` with flash attention: pass `ContinuousBatchingConfig(use_cuda_graph=(False, True))`.
 """
 
 from __future__ import annotations
@@ -81,29 +79,32 @@ class SparseServe(_Serve):
         return self.__dict__["loader"]
 
     @loader.setter
-    def loader(self, loader) -> None:
+    def loader(self, loader) -> None:  # `Serve.__init__` sets the generation state, then the loader
         self.__dict__["loader"] = PatchingLoader(loader, self.sparse_config)
-
-    @property
-    def generation_state(self):
-        return self.__dict__["generation_state"]
-
-    @generation_state.setter
-    def generation_state(self, state) -> None:
-        import torch
-
+        state = getattr(self, "generation_state", None)
         if getattr(state, "_continuous_batching", False) and hasattr(state, "cb_config"):
-            state.cb_config = _with_prefill_graphs_off(state.cb_config, torch.cuda.is_available())
-        self.__dict__["generation_state"] = state
+            state.cb_config = _with_prefill_graphs_off(state.cb_config, _flash_attention_likely(loader))
 
 
-def _with_prefill_graphs_off(cb_config, on_gpu: bool):
-    """The continuous-batching config with the prefill path out of CUDA graphs, unless the user chose."""
+def _flash_attention_likely(loader) -> bool:
+    """Whether continuous batching will run flash attention (asked for, or installed: it then switches to it)."""
+    import torch
+    from transformers.utils.import_utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    if "flash" in str(getattr(loader, "attn_implementation", None) or ""):
+        return True
+    return torch.cuda.is_available() and (is_flash_attn_2_available() or is_flash_attn_3_available())
+
+
+def _with_prefill_graphs_off(cb_config, flash: bool):
+    """The continuous-batching config with flash attention's prefill path out of CUDA graphs, unless the user chose
+    (sdpa captures no graph by default: unchanged)."""
     from transformers import ContinuousBatchingConfig
 
+    if not flash or (cb_config is not None and cb_config.use_cuda_graph is not None):
+        return cb_config
     cb_config = cb_config if cb_config is not None else ContinuousBatchingConfig()
-    if cb_config.use_cuda_graph is None:
-        cb_config.use_cuda_graph = (False, on_gpu)
+    cb_config.use_cuda_graph = (False, True)
     return cb_config
 
 
