@@ -37,8 +37,8 @@ cd "$(dirname "$0")/.."
 MODELS=${MODELS:-/root/models}
 RESULTS=${OUT:-./out}
 mkdir -p "$MODELS" "$RESULTS"
-if [ -d .gpu/whl ] && ! [ -e /root/site/.installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site .gpu/whl/*.whl \
+if [ -d "${WHEELS:-.gpu/whl}" ] && ! [ -e /root/site/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site "${WHEELS:-.gpu/whl}"/*.whl \
         && touch /root/site/.installed
 fi
 export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1

@@ -235,6 +235,24 @@ def test_flash_style_packs_give_the_engine_one_request_at_a_time(monkeypatch):
     assert out.shape == (1, 341, 4, 16) and out[:, :300].abs().sum() > 0
 
 
+def test_the_engine_gets_each_request_as_fresh_aligned_tensors():
+    """cuDNN's attention failed with a misaligned address on an H200 when handed views that start mid-buffer (a
+    request's mask rows at an odd column, its queries mid-pack): the engine must get tensors laid out as a batch
+    of that request alone would give them."""
+    q, k, v, mask, kwargs = packed_call((300, 37), (300, 61))
+    handed = []
+
+    def sdpa(module, q, k, v, mask, **kw):
+        handed.append((q, k, v, mask))
+        return sdpa_attention_forward(module, q, k, v, mask, **kw)
+
+    packed.attend_packed(sdpa, attention_module(TIGHT)[1], q, k, v, mask, 0.0, 0.25, kwargs, TIGHT)
+    (q1, k1, v1, m1), = handed
+    assert m1.shape[-2:] == (37, 61) and (m1.stride(-2) * m1.element_size()) % 16 == 0
+    assert all(t.data_ptr() % 16 == 0 and t.storage_offset() == 0 for t in (q1, k1, v1, m1))
+    assert torch.equal(m1, mask[..., 300:, 300:]) and torch.equal(q1, q[:, :, 300:])
+
+
 def test_unpatching_the_last_model_restores_the_registry_and_unpatched_models_compile_fully():
     patched, other = tiny_model("llama"), tiny_model("llama", seed=1)
     patch_model(patched, EXACT)

@@ -122,9 +122,22 @@ def attend_packed(dense: Callable, module, query, key, value, attention_mask, dr
         own = _one_request_kwargs(kwargs, (qs, qe), (ks, ke), query.shape[2], q.device)
         mask = attention_mask
         if isinstance(mask, torch.Tensor) and tuple(mask.shape[-2:]) == (query.shape[2], key.shape[2]):
-            mask = mask[..., qs:qe, ks:ke]
+            mask = _aligned_rows(mask[..., qs:qe, ks:ke])
+        # The engine's kernels get this request as a batch of it alone would hand them: fresh tensors laid out
+        # like the projections' [1, L, H, D], a mask whose rows start 16-byte aligned (a view starting mid-row
+        # made cuDNN's attention fail with a misaligned address on an H200).
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
         out[:, qs:qe] = dense(module, q, k, v, mask, dropout=dropout, scaling=scaling, **own)[0]
     return out
+
+
+def _aligned_rows(mask: torch.Tensor) -> torch.Tensor:
+    """A copy of `mask` whose rows start on 16-byte boundaries (the row stride padded), as the engine's own masks
+    are: slices of a buffer as wide as its cache."""
+    width = -(-mask.shape[-1] * mask.element_size() // 16) * 16 // mask.element_size()
+    buffer = mask.new_empty(*mask.shape[:-1], width)
+    buffer[..., :mask.shape[-1]] = mask
+    return buffer[..., :mask.shape[-1]]
 
 
 def _one_request_kwargs(kwargs: dict, q_bounds, k_bounds, q_len: int, device) -> dict:
