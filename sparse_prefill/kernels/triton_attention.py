@@ -76,7 +76,7 @@ def default_config(head_dim: int, block_size: int, q: torch.Tensor) -> KernelCon
         return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, kv_loads=loads)
     if head_dim > 128:
         return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, kv_loads=loads)
-    # head_dim 64: 128-key steps leave too little matrix work per softmax step (measured 0.62 vs 0.53 ms at 10 %).
+    # head_dim 64: 128-key steps leave too little matrix work per softmax step (bench/NOTES_kernel.md, row 9).
     return KernelConfig(block_m=128, block_n=128 if head_dim > 64 else 64, num_warps=8, num_stages=3, kv_loads=loads)
 
 

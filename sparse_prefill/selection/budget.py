@@ -20,12 +20,11 @@ Policy (each row is one (head, query block)); `choose_blocks` applies it, on any
    (beyond the always-kept ones) are kept in every row that can see them: the needles the question
    reads, for the rows that mention them again later.
 
-On real models (bench/RESULTS.md, "Block selection"), fed per-head estimates (`proxy_heads="q"`),
-rules 1-3 keep a captured attention mass of 0.95 at about the density of the per-row oracle; fed
-one shared ranking per KV group they need markedly more blocks and leave some heads far below 0.95.
-Captured mass is not enough for retrieval, though: rules 4 and 5 are what kept the answers
-("Selection that keeps dense's answers": multi-value losses at 32K from -0.117 to -0.033 for
-+0.01 density).
+Why these rules: fed per-head estimates (`proxy_heads="q"`), rules 1-3 cover `gamma` of real
+attention at about the density of the per-row oracle, where one shared ranking per KV group needs
+more blocks and starves the heads unlike their group (bench/RESULTS.md, "Block selection"). Covered
+mass is not enough for retrieval, though: rules 4 and 5 are what kept dense's answers, for few
+blocks ("Selection that keeps dense's answers").
 
 This module is the plain-PyTorch specification of the policy and of `last_block_mass` (the exact
 attention of rule 2); `fused.py` and `fused_policy.py` compute the same with Triton kernels.
