@@ -26,7 +26,8 @@ kernel does, rather than copying inputs to a contiguous layout at the boundary (
 `maybe_contiguous`). Triton compiles an integer argument equal to 1 as a constant, so the usual unit
 head-dim stride (contiguous tensors, and the transposed [B, H, L, D] views transformers passes) gets
 the same vectorised loads as a kernel written for it, and any other layout is read in place: no input
-is ever copied, and none can be misread.
+is ever copied, and none can be misread. A tile's base offset is computed in 64 bits (a transposed
+q of 32 heads passes 2**31 elements at 512K tokens), the offsets inside it in 32.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, sk_d, b, k_head, col0, n_cols,
     start = cols * COL_STRIDE
     col_pos = tl.maximum(start, key_start)
     col_ok = (cols < n_cols) & (col_pos < tl.minimum(start + COL_STRIDE, key_end))
-    k_ptrs = k_ptr + b * sk_b + k_head * sk_h + cols[:, None] * sk_l + offs_d[None, :] * sk_d
+    k_tile_ptr = k_ptr + b.to(tl.int64) * sk_b + k_head.to(tl.int64) * sk_h + tl.cast(col0, tl.int64) * sk_l
+    k_ptrs = k_tile_ptr + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d
     k_tile = tl.load(k_ptrs, mask=(cols < n_cols)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     s = tl.dot(q_tile, tl.trans(k_tile)).to(tl.float32)
     if HAS_SOFTCAP:
@@ -90,7 +92,9 @@ def _program_setup(q_ptr, sq_b, sq_h, sq_l, sq_d, key_range_ptr, pid_rows, pid_b
     else:
         key_start = 0
         key_end = k_len
-    q_ptrs = q_ptr + b * sq_b + head * sq_h + rows[:, None] * sq_l + offs_d[None, :] * sq_d
+    q_tile_ptr = (q_ptr + b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h
+                  + (pid_rows * offs_m.shape[0]).to(tl.int64) * sq_l)
+    q_ptrs = q_tile_ptr + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d
     q_tile = tl.load(q_ptrs, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     q_tile = (q_tile.to(tl.float32) * scale_log2).to(q_ptr.dtype.element_ty)
     return b, head * kv_heads // n_heads, rows, real, row_pos, key_start, key_end, q_tile
@@ -271,7 +275,8 @@ def _pool_tokens_kernel(
     that exist (and lie in the key range); zero for groups with no such token."""
     pid_g, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // out_heads, pid_bh % out_heads
-    groups = pid_g * GROUPS + tl.arange(0, GROUPS)
+    first_group = pid_g * GROUPS
+    groups = first_group + tl.arange(0, GROUPS)
     offs_d = tl.arange(0, BLOCK_D)
     in_dim = offs_d < HEAD_DIM
     if HAS_KEY_RANGE:
@@ -287,11 +292,13 @@ def _pool_tokens_kernel(
         ok = (token >= start) & (token < end)
         count += ok.to(tl.float32)
         for g in tl.static_range(HEADS_PER_OUT):
-            ptrs = (x_ptr + b * sx_b + (h * HEADS_PER_OUT + g) * sx_h + token[:, None] * sx_l
-                    + offs_d[None, :] * sx_d)
+            x_head = (x_ptr + b.to(tl.int64) * sx_b + (h * HEADS_PER_OUT + g).to(tl.int64) * sx_h
+                      + (first_group * STRIDE).to(tl.int64) * sx_l)
+            ptrs = x_head + (token - first_group * STRIDE)[:, None] * sx_l + offs_d[None, :] * sx_d
             acc += tl.load(ptrs, mask=ok[:, None] & in_dim[None, :], other=0.0).to(tl.float32)
     out = acc / (tl.maximum(count, 1.0) * HEADS_PER_OUT)[:, None]
-    out_ptrs = out_ptr + b * so_b + h * so_h + groups[:, None] * so_g + offs_d[None, :]  # out: ours, contiguous
+    out_tile = out_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + first_group.to(tl.int64) * so_g
+    out_ptrs = out_tile + tl.arange(0, GROUPS)[:, None] * so_g + offs_d[None, :]  # out: ours, contiguous
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(groups < n_groups)[:, None] & in_dim[None, :])
 
 
