@@ -15,6 +15,8 @@ from sparse_prefill import SparsePrefillConfig, block_sparse_attention, select_b
 from sparse_prefill.kernels import triton_attention as ta
 from sparse_prefill.kernels.reference import block_sparse_attention_reference
 from sparse_prefill.selection import fused, select_blocks_fused
+from sparse_prefill.selection.estimate import BlockScores
+from sparse_prefill.selection.fused_policy import choose_blocks_fused
 
 
 def view_as(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -115,3 +117,15 @@ def test_torch_paths_read_any_strides(kind):
     for attend in (block_sparse_attention, block_sparse_attention_reference):
         torch.testing.assert_close(attend(*views, layout, key_range=kr, softcap=5.0),
                                    attend(q, k, v, layout, key_range=kr, softcap=5.0), rtol=1e-5, atol=1e-6)
+
+
+def test_policy_kernel_reads_caller_masses_of_any_layout():
+    """fused_policy's kernels index the block-level masses as contiguous rows: choose_blocks_fused makes the
+    caller's tensors contiguous first (the rest it reads, it allocates itself)."""
+    mass, last_mass, layout = fused_on_contiguous()
+    lq = 256  # structured_qkv's length
+    strided_mass = mass.transpose(-1, -2).contiguous().transpose(-1, -2)
+    strided_last = torch.stack([last_mass, last_mass], -1).flatten(-2)[..., ::2]
+    assert not strided_mass.is_contiguous() and not strided_last.is_contiguous()
+    scores = BlockScores(score=strided_mass, mass=strided_mass, heads_per_proxy=1)
+    assert_same_layout(choose_blocks_fused(scores, strided_last, CFG, lq, lq), layout)

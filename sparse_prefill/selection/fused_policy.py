@@ -159,7 +159,7 @@ def choose_blocks_fused(scores: BlockScores, last_mass: torch.Tensor, config, q_
     b, hq, n_kb = last_mass.shape
     n_proxies, n_qb = scores.mass.shape[1], scores.mass.shape[2]
     device = last_mass.device
-    mass = scores.mass.contiguous()
+    mass = scores.mass.contiguous()  # the callers' tensors: the kernels index them as contiguous rows
     last_mass = last_mass.contiguous()
     nkb_pow2 = triton.next_power_of_2(max(n_kb, 16))
     warps = 4 if nkb_pow2 <= 2048 else 8
