@@ -13,7 +13,7 @@ import torch
 
 from .config import SparsePrefillConfig, as_config
 from .kernels import block_sparse_attention
-from .kernels.reference import check_attention_inputs, check_key_range
+from .kernels.call import check_attention_inputs, check_key_range
 from .layout import BlockLayout
 from .selection import select_blocks
 

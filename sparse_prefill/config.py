@@ -17,15 +17,10 @@ _BLOCK_SIZES = (64, 128)
 class SparsePrefillConfig:
     """How block-sparse prefill chooses and computes attention.
 
-    The defaults are the configuration measured end to end on a trained model (bench/RESULTS.md,
-    "Selection that keeps dense's answers"): per-head estimates at stride 16, gamma 0.95, a
-    1024-token minimum, the exact 256-token tail and 8 question columns. On 270 multi-needle prompts
-    at 16K-32K (Qwen2.5-Coder-0.5B) gamma 0.95 changed 98 answers of dense's and lost 7.0 answers'
-    worth, against 131 and 14.75 at gamma 0.9, for 0.31 instead of 0.23 of the blocks at 32K and a
-    1.48x instead of 1.58x faster prefill: the default keeps answers first; `gamma=0.9` is the faster
-    setting. On Qwen2.5-Coder-1.5B the default kept every task at or above dense (0.41 of the blocks,
-    1.24x at 32K). At 128K (YaRN x4) it kept 0.22 (0.5B) and 0.34 (1.5B) of the blocks for a 2.58x and
-    1.88x faster prefill; gamma 0.9 gave 3.08x and 2.21x there and kept dense's answers on 50 prompts.
+    The defaults are the configuration measured end to end on trained models (the README's results;
+    bench/RESULTS.md, "Answers kept at scale, and gamma 0.95 as the default" and the sections after
+    it). They keep dense's answers first; `gamma=0.9` is the faster setting measured beside them,
+    which changes more of dense's answers at 16K-32K.
 
     Attributes:
         block_size: tokens per query block and per key block (64 or 128). Smaller blocks select more
@@ -41,11 +36,12 @@ class SparsePrefillConfig:
         exact_tail_tokens: the query blocks holding the last this-many queries attend every causal
             key block (exact attention). A prompt's question sits there, and the last query alone
             decides the first answer token; keeping these rows dense costs about
-            exact_tail_tokens / Lq of dense attention. 0 turns it off.
+            2 * exact_tail_tokens / Lq of causal dense attention's work (the last rows are the
+            longest). 0 turns it off.
         question_blocks: each head's this-many key blocks that its last query block attends most
             (exactly measured, beyond sink/local/diagonal) are kept for every query block after them:
             a needle the question reads is also seen by the rows that mention it again later (several
-            values for one key). At most question_blocks / 2 blocks per row on average.
+            values for one key). At most question_blocks more blocks per row, none in rows before them.
         stride: the estimate averages each run of `stride` consecutive queries, and of keys, into
             one; larger is cheaper (stride^2) and coarser. It must divide `block_size`.
         proxy_heads: "q" estimates every query head on its own; "kv" pools the query heads of each
@@ -128,10 +124,10 @@ def as_config(config: SparsePrefillConfig | Mapping | None) -> SparsePrefillConf
 def auto_min_seq_len(config: SparsePrefillConfig) -> int:
     """Below this key length, selection overhead eats the saving, so prefill stays dense.
 
-    Measured end to end on an H200 GPU with the previous defaults (bench/RESULTS.md): Qwen2.5-Coder-0.5B /
-    1.5B prefill was 0.7-0.97x dense speed at 8K tokens and 1.07-1.14x at 16K, so the break-even sits
-    near 12K; the current defaults select faster but have not been timed below 32K, so it stays. A row
-    keeps at least `min_budget_tokens` keys, so a larger budget moves it out: 4x the budget.
+    12288 lies between the lengths at which sparse prefill of trained small models was measured slower
+    (8K) and faster (16K) than dense on an H200 GPU (bench/RESULTS.md, "Real trained models"), with
+    earlier defaults; the current ones select faster but have not been timed below 32K, so it stays.
+    A row keeps at least `min_budget_tokens` keys, so a larger budget moves it out: 4x the budget.
     """
     return max(12288, 4 * config.min_budget_tokens)
 

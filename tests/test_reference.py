@@ -97,3 +97,23 @@ def test_bad_shapes_are_refused(shapes, match):
     q, k, v = (torch.zeros(s) for s in shapes)
     with pytest.raises(ValueError, match=match):
         block_sparse_attention(q, k, v, None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kwargs, match", [(dict(scale=0.0), "scale must be positive"),
+                                           (dict(softcap=-1.0), "softcap must be positive"),
+                                           (dict(key_range=torch.tensor([[0.0, 64.0]])), "integer tensor"),
+                                           (dict(layout=BlockLayout.from_mask(torch.ones(1, 4, 2, 2, dtype=torch.bool),
+                                                                             64)), "does not fit")])
+def test_every_backend_refuses_a_bad_call_alike(backend, kwargs, match):
+    """The call is stated and validated once (kernels/call.py): the reference and the Triton kernel called
+    directly refuse the same bad arguments with the same error."""
+    from sparse_prefill.kernels.triton_attention import triton_block_sparse_attention
+
+    q, k, v = inputs(1, 2, 1, 64, 64, 64, seed=9)
+    attend = reference.block_sparse_attention_reference if backend == "torch" else triton_block_sparse_attention
+    with pytest.raises(ValueError, match=match):
+        attend(q, k, v, **kwargs)
+    rest = {name: value for name, value in kwargs.items() if name != "layout"}
+    with pytest.raises(ValueError, match=match):  # and the dispatcher, before choosing a backend
+        block_sparse_attention(q, k, v, kwargs.get("layout"), backend="torch", **rest)

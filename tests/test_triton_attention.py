@@ -215,8 +215,8 @@ def test_unsupported_inputs_raise_value_errors():
         ta.triton_block_sparse_attention(q[..., :32], k[..., :32], v[..., :32], None)
     with pytest.raises(ValueError, match="dtype"):
         ta.triton_block_sparse_attention(q.double(), k.double(), v.double(), None)
-    with pytest.raises(ValueError, match="block_size"):
-        ta.triton_block_sparse_attention(q, k, v, BlockLayout(layout.counts, layout.indices, 32, 2))
+    with pytest.raises(ValueError, match="the Triton kernel takes block_size"):
+        ta.triton_block_sparse_attention(q, k, v, BlockLayout.from_mask(torch.ones(1, 2, 2, 2, dtype=torch.bool), 32))
     with pytest.raises(ValueError, match="does not fit"):
         ta.triton_block_sparse_attention(q[:, :1], k, v, layout)
     with pytest.raises(ValueError, match="key_range"):

@@ -1,8 +1,9 @@
 """Attention over a BlockLayout: the Triton kernel on CUDA, the PyTorch reference elsewhere.
 
-`block_sparse_attention` is the one dispatch point; `backend` picks the implementation:
-"auto" takes Triton for fp16/bf16 CUDA tensors the kernel supports (`support.py`), the reference
-otherwise. This package is the attention mechanism only: it imports nothing of the selection policy.
+`block_sparse_attention` is the one dispatch point: it states the call once (`call.AttentionCall`, which
+validates it) and hands it to the implementation `backend` picks: "auto" takes Triton for fp16/bf16
+CUDA tensors the kernel supports (`support.py`), the reference otherwise. This package is the attention
+mechanism only: it imports nothing of the selection policy.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..layout import BlockLayout
-from .reference import block_sparse_attention_reference, check_attention_inputs
+from . import reference
+from .call import AttentionCall
 from .support import triton_supports
 
 
@@ -40,17 +42,14 @@ def block_sparse_attention(
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]; the queries are the last Lq positions. Returns the output
     in q's layout and dtype, plus the fp32 log-sum-exp [B, Hq, Lq] with `return_lse`. See
-    `kernels/reference.py` for the exact semantics of every argument.
+    `kernels/call.py` for the exact semantics of every argument.
     """
-    check_attention_inputs(q, k, v)
-    block_size = 128 if layout is None else layout.block_size
-    if use_triton(q, block_size, backend):
-        from .triton_attention import triton_block_sparse_attention
+    call = AttentionCall(q, k, v, layout, causal, return_lse, scale, softcap, key_range)
+    if use_triton(q, call.block_size, backend):
+        from . import triton_attention
 
-        return triton_block_sparse_attention(q, k, v, layout, causal=causal, return_lse=return_lse, scale=scale,
-                                             softcap=softcap, key_range=key_range)
-    return block_sparse_attention_reference(q, k, v, layout, causal=causal, return_lse=return_lse, scale=scale,
-                                            softcap=softcap, key_range=key_range)
+        return triton_attention.attend(call)
+    return reference.attend(call)
 
 
-__all__ = ["block_sparse_attention", "triton_supports", "use_triton"]
+__all__ = ["AttentionCall", "block_sparse_attention", "triton_supports", "use_triton"]

@@ -11,7 +11,8 @@ import functools
 
 import torch
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16)  # what backend="auto" sends to Triton (fp32 runs under "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16)  # what the dispatchers send to Triton (fp32: the fused
+# selection under backend="triton", and the attention kernel only when called directly, as tests do)
 SELECTION_DTYPES = TRITON_DTYPES
 TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)  # non-powers of two are padded in registers
 TRITON_BLOCK_SIZES = (64, 128)

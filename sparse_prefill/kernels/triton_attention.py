@@ -1,6 +1,7 @@
 """Block-sparse flash-attention forward in Triton: the fast path behind `block_sparse_attention`.
 
-Same semantics as `reference.block_sparse_attention_reference` (read that first). How it is computed:
+Same semantics as `reference.attend` (read it first; the arguments are `call.AttentionCall`'s). How it
+is computed:
 
 * One program per (query tile, batch row, query head). The query tile (`block_m` rows) stays on
   chip while the program walks the key blocks its layout row keeps, `block_n` keys at a time,
@@ -26,7 +27,6 @@ be wider than the rows' counts (only `counts[b, h, i]` entries of row i are read
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..layout import BlockLayout
-from .reference import check_attention_inputs
+from .call import AttentionCall
 from .support import TRITON_BLOCK_SIZES, TRITON_DTYPES, TRITON_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
@@ -76,7 +76,7 @@ def default_config(head_dim: int, block_size: int, q: torch.Tensor) -> KernelCon
         return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, kv_loads=loads)
     if head_dim > 128:
         return KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, kv_loads=loads)
-    # head_dim 64: 128-key steps leave too little matrix work per softmax step (measured 0.62 vs 0.53 ms at 10 %).
+    # head_dim 64: 128-key steps leave too little matrix work per softmax step (bench/NOTES_kernel.md, row 9).
     return KernelConfig(block_m=128, block_n=128 if head_dim > 64 else 64, num_warps=8, num_stages=3, kv_loads=loads)
 
 
@@ -306,38 +306,22 @@ def _block_sparse_attention_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_kernel_inputs(q, k, v, layout, key_range, scale, softcap, block_size) -> None:
-    """Raise a ValueError naming what this kernel cannot run (the dispatcher falls back on those)."""
-    check_attention_inputs(q, k, v)
+def _check_kernel_inputs(call: AttentionCall) -> None:
+    """Raise a ValueError naming what this kernel cannot run of a (valid) call; the dispatcher never sends
+    it those (support.py)."""
+    q, k, v = call.q, call.k, call.v
     if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"the Triton kernel takes float16/bfloat16 q, k, v of one dtype; got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}. Cast them, or use backend='torch'.")
     if q.shape[-1] not in TRITON_HEAD_DIMS:
         raise ValueError(f"the Triton kernel takes head_dim in {TRITON_HEAD_DIMS}; got {q.shape[-1]}. "
                          "Use backend='torch'.")
-    if block_size not in TRITON_BLOCK_SIZES:
-        raise ValueError(f"the Triton kernel takes block_size 64 or 128; got {block_size}. Use backend='torch'.")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}.")
+    if call.block_size not in TRITON_BLOCK_SIZES:
+        raise ValueError(f"the Triton kernel takes block_size 64 or 128; got {call.block_size}. Use backend='torch'.")
     if q.device.type != "cuda" and not triton_interpreter_on():
         raise ValueError(f"the Triton kernel needs CUDA tensors (got {q.device}) unless TRITON_INTERPRET=1.")
-    if layout is not None:
-        n_q_blocks = -(-q.shape[2] // block_size)
-        if tuple(layout.counts.shape) != (q.shape[0], q.shape[1], n_q_blocks):
-            raise ValueError(f"{layout} does not fit q of shape {tuple(q.shape)}: counts must be "
-                             f"[{q.shape[0]}, {q.shape[1]}, {n_q_blocks}].")
-        if layout.device != q.device:
-            raise ValueError(f"the layout is on {layout.device} but q is on {q.device}; move it with layout.to().")
-    if key_range is not None:
-        if tuple(key_range.shape) != (q.shape[0], 2) or key_range.dtype.is_floating_point:
-            raise ValueError(f"key_range must be an integer tensor [B, 2] = [{q.shape[0]}, 2]; got "
-                             f"{key_range.dtype} {tuple(key_range.shape)}.")
-        if key_range.device != q.device:
-            raise ValueError(f"key_range is on {key_range.device} but q is on {q.device}.")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be positive; got {scale}.")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive (or None); got {softcap}.")
+    if call.layout is not None and call.layout.device != q.device:
+        raise ValueError(f"the layout is on {call.layout.device} but q is on {q.device}; move it with layout.to().")
 
 
 def triton_interpreter_on() -> bool:
@@ -372,25 +356,9 @@ def _allocate_outputs(q: torch.Tensor, return_lse: bool):
     return out, torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
 
 
-def triton_block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: BlockLayout | None,
-    causal: bool = True,
-    return_lse: bool = False,
-    scale: float | None = None,
-    softcap: float | None = None,
-    key_range: torch.Tensor | None = None,
-    config: KernelConfig | None = None,
-):
-    """Block-sparse attention with the Triton kernel; arguments and results as in the reference.
-
-    q [B, Hq, Lq, D] and k/v [B, Hkv, Lk, D] in float16 or bfloat16, any strides (e.g. the
-    [B, H, L, D] transposed views transformers passes); head_dim 64, 80, 96, 128 or 256; a layout of
-    block size 64 or 128 (None attends to every block). Returns the output in q's layout, plus the
-    natural-log log-sum-exp fp32 [B, Hq, Lq] with `return_lse`. `config` overrides the launch shape
-    (benchmarks).
+def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  layout: BlockLayout | None = None, config: KernelConfig | None = None, **options):
+    """The kernel called on its own (tests, benchmarks): `attend(AttentionCall(q, k, v, layout, **options), config)`.
 
     Example, one head, 3 blocks of 64, keeping the sink and the diagonal:
 
@@ -399,8 +367,20 @@ def triton_block_sparse_attention(
                                                   device="cuda"), block_size=64, num_key_blocks=3)
         out = triton_block_sparse_attention(q, k, v, layout)  # q, k, v [1, 1, 192, 128] on CUDA
     """
-    block_size = 128 if layout is None else layout.block_size
-    _check_kernel_inputs(q, k, v, layout, key_range, scale, softcap, block_size)
+    return attend(AttentionCall(q, k, v, layout, **options), config)
+
+
+def attend(call: AttentionCall, config: KernelConfig | None = None):
+    """Block-sparse attention with the Triton kernel; arguments and results as in `call.AttentionCall`.
+
+    q [B, Hq, Lq, D] and k/v [B, Hkv, Lk, D] in float16 or bfloat16, any strides (e.g. the
+    [B, H, L, D] transposed views transformers passes); head_dim 64, 80, 96, 128 or 256; a layout of
+    block size 64 or 128 (None attends to every block). Returns the output in q's layout, plus the
+    natural-log log-sum-exp fp32 [B, Hq, Lq] with `return_lse`. `config` overrides the launch shape
+    (benchmarks).
+    """
+    _check_kernel_inputs(call)
+    q, k, v, layout, key_range, block_size = call.q, call.k, call.v, call.layout, call.key_range, call.block_size
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     config = config or default_config(head_dim, block_size, q)
@@ -411,13 +391,13 @@ def triton_block_sparse_attention(
     if config.kv_loads != "pointer" and not (_tma_ready(k) and _tma_ready(v)):
         config = replace(config, kv_loads="pointer")
 
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    scale, softcap = call.softmax_scale, call.softcap
     softcap_log2 = 0.0 if softcap is None else float(softcap) * LOG2E
     softcap_arg = 0.0 if softcap is None else scale / float(softcap)
     block_d = triton.next_power_of_2(head_dim)
     n_q_tiles = triton.cdiv(q_len, config.block_m)
 
-    out, lse = _allocate_outputs(q, return_lse)
+    out, lse = _allocate_outputs(q, call.return_lse)
     if key_range is not None and key_range.dtype != torch.int32:
         key_range = key_range.to(torch.int32)
     key_range_arg = key_range.contiguous() if key_range is not None else out
@@ -440,10 +420,10 @@ def triton_block_sparse_attention(
             q_heads, kv_heads, q_len, k_len, n_q_tiles, indices.shape[-1] if layout is not None else 0,
             scale * LOG2E, softcap_log2, softcap_arg,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            BLOCK_SIZE=block_size, DENSE=layout is None, CAUSAL=bool(causal), HAS_KEY_RANGE=key_range is not None,
-            HAS_SOFTCAP=softcap is not None, RETURN_LSE=return_lse, KV_TMA=config.kv_loads == "tma",
+            BLOCK_SIZE=block_size, DENSE=layout is None, CAUSAL=bool(call.causal), HAS_KEY_RANGE=key_range is not None,
+            HAS_SOFTCAP=softcap is not None, RETURN_LSE=call.return_lse, KV_TMA=config.kv_loads == "tma",
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             COUNT_CHUNK=128, NUM_STAGES=config.num_stages,
             num_warps=config.num_warps, num_stages=config.num_stages, **register_cap,
         )
-    return (out, lse) if return_lse else out
+    return (out, lse) if call.return_lse else out

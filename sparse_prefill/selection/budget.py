@@ -20,12 +20,11 @@ Policy (each row is one (head, query block)); `choose_blocks` applies it, on any
    (beyond the always-kept ones) are kept in every row that can see them: the needles the question
    reads, for the rows that mention them again later.
 
-On real models (bench/RESULTS.md, "Block selection"), fed per-head estimates (`proxy_heads="q"`),
-rules 1-3 keep a captured attention mass of 0.95 at about the density of the per-row oracle; fed
-one shared ranking per KV group they need markedly more blocks and leave some heads far below 0.95.
-Captured mass is not enough for retrieval, though: rules 4 and 5 are what kept the answers
-("Selection that keeps dense's answers": multi-value losses at 32K from -0.117 to -0.033 for
-+0.01 density).
+Why these rules: fed per-head estimates (`proxy_heads="q"`), rules 1-3 cover `gamma` of real
+attention at about the density of the per-row oracle, where one shared ranking per KV group needs
+more blocks and starves the heads unlike their group (bench/RESULTS.md, "Block selection"). Covered
+mass is not enough for retrieval, though: rules 4 and 5 are what kept dense's answers, for few
+blocks ("Selection that keeps dense's answers").
 
 This module is the plain-PyTorch specification of the policy and of `last_block_mass` (the exact
 attention of rule 2); `fused.py` and `fused_policy.py` compute the same with Triton kernels.
@@ -97,17 +96,26 @@ def blocks_to_cover(sorted_mass: torch.Tensor, gamma: float) -> torch.Tensor:
     return (cumulative < gamma * total).sum(-1) + 1
 
 
+def row_geometry(n_q_blocks: int, q_len: int, k_len: int, config: SparsePrefillConfig, device) -> torch.Tensor:
+    """Each query block's causal limit and its first local block, int32 [2, n_q_blocks].
+
+    Row i may see key blocks [0, limit[i]) (layout.causal_block_limits) and always keeps, of those, the
+    first `sink_blocks` and every block from local_start[i] = its first diagonal block
+    (layout.diagonal_first_block) - `local_blocks` on (rule 3). The one statement of the rows' geometry:
+    `always_kept` builds its mask from it and the Triton policy loads it.
+    """
+    bs = config.block_size
+    limits = causal_block_limits(n_q_blocks, bs, q_len, k_len, device=device)
+    local_start = diagonal_first_block(n_q_blocks, bs, q_len, k_len, device=device) - config.local_blocks
+    return torch.stack([limits, local_start]).to(torch.int32)
+
+
 def always_kept(n_q_blocks: int, n_k_blocks: int, q_len: int, k_len: int, config: SparsePrefillConfig,
                 device) -> torch.Tensor:
     """Rule 3's fixed blocks (sink, local, diagonal), bool [n_q_blocks, n_k_blocks], causal only."""
-    bs = config.block_size
-    limits = causal_block_limits(n_q_blocks, bs, q_len, k_len, device=device)
-    first_diag = diagonal_first_block(n_q_blocks, bs, q_len, k_len, device=device)
+    limits, local_start = row_geometry(n_q_blocks, q_len, k_len, config, device)[:, :, None]
     cols = torch.arange(n_k_blocks, device=device)[None, :]
-    causal = cols < limits[:, None]
-    local = cols >= (first_diag - config.local_blocks)[:, None]
-    sink = cols < config.sink_blocks
-    return (sink | local) & causal
+    return ((cols < config.sink_blocks) | (cols >= local_start)) & (cols < limits)
 
 
 def exact_tail_start(n_q_blocks: int, q_len: int, config: SparsePrefillConfig) -> int:

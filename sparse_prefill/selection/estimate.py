@@ -2,12 +2,13 @@
 
 The estimate is the attention of *pooled* queries over *pooled* keys:
 
-* heads: by default (`proxy_heads="kv"`) the query heads of each KV group are averaged into one
-  ProxyAttn-style proxy; `"q"` scores every query head on its own, which ranks better for heads
-  unlike their group's average (bench/RESULTS.md, "Block selection"); an int asks for that many;
+* heads: by default (`proxy_heads="q"`) every query head is scored on its own, which ranks better
+  for heads unlike their KV group's average (bench/RESULTS.md, "Block selection"); `"kv"` averages
+  the query heads of each KV group into one ProxyAttn-style proxy (cheaper); an int asks for that
+  many proxies;
 * tokens: each run of `stride` consecutive queries, and of `stride` consecutive keys, is averaged
-  into one. Every token takes part, so a lone needle still moves its key group, which sampling
-  every `stride`-th token would miss three times in four at stride 4.
+  into one. Every token takes part, so a lone needle still moves its key group, where sampling one
+  token in `stride` would miss it `stride - 1` times in `stride`.
 
 The causal softmax of the pooled queries over the pooled keys is pooled to (query block, key block)
 cells. Soft-capped attention (Gemma 2) caps the pooled logits the same way. This module is the

@@ -20,6 +20,14 @@ Logits are soft-capped (`softcap * tanh(logit / softcap)`, Gemma 2) when the att
 is measured on the distribution the attention kernel computes. Any head_dim is padded in registers
 to a power of two. The policy then runs on the block-level tensors (`fused_policy.py`). Nothing here
 synchronises with the host or loops over heads or blocks in Python; memory is O(tokens + blocks^2).
+
+Strides: the kernels take all four strides of q and k, the head dimension's included, as the attention
+kernel does, rather than copying inputs to a contiguous layout at the boundary (flash-attention's
+`maybe_contiguous`). Triton compiles an integer argument equal to 1 as a constant, so the usual unit
+head-dim stride (contiguous tensors, and the transposed [B, H, L, D] views transformers passes) gets
+the same vectorised loads as a kernel written for it, and any other layout is read in place: no input
+is ever copied, and none can be misread. A tile's base offset is computed in 64 bits (a transposed
+q of 32 heads passes 2**31 elements at 512K tokens), the offsets inside it in 32.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ POOL_GROUPS = 32  # pooled groups per program of the pooling kernel
 
 
 @triton.jit
-def _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, b, k_head, col0, n_cols, k_len, row_pos, key_start, key_end,
+def _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, sk_d, b, k_head, col0, n_cols, k_len, row_pos, key_start, key_end,
                  offs_n, offs_d, softcap_log2, COL_STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr):
     """Log2-domain logits of a query tile against one tile of pooled keys, -inf where not visible.
@@ -54,7 +62,8 @@ def _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, b, k_head, col0, n_cols, k_len
     start = cols * COL_STRIDE
     col_pos = tl.maximum(start, key_start)
     col_ok = (cols < n_cols) & (col_pos < tl.minimum(start + COL_STRIDE, key_end))
-    k_ptrs = k_ptr + b * sk_b + k_head * sk_h + cols[:, None] * sk_l + offs_d[None, :]
+    k_tile_ptr = k_ptr + b.to(tl.int64) * sk_b + k_head.to(tl.int64) * sk_h + tl.cast(col0, tl.int64) * sk_l
+    k_ptrs = k_tile_ptr + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d
     k_tile = tl.load(k_ptrs, mask=(cols < n_cols)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     s = tl.dot(q_tile, tl.trans(k_tile)).to(tl.float32)
     if HAS_SOFTCAP:
@@ -64,7 +73,7 @@ def _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, b, k_head, col0, n_cols, k_len
 
 
 @triton.jit
-def _program_setup(q_ptr, sq_b, sq_h, sq_l, key_range_ptr, pid_rows, pid_bh, n_heads, kv_heads, n_rows, q_len,
+def _program_setup(q_ptr, sq_b, sq_h, sq_l, sq_d, key_range_ptr, pid_rows, pid_bh, n_heads, kv_heads, n_rows, q_len,
                    k_len, row0, scale_log2, offs_m, offs_d, ROW_STRIDE: tl.constexpr, HAS_KEY_RANGE: tl.constexpr,
                    HEAD_DIM: tl.constexpr):
     """A program's rows (index, position, real flag), its key head, key range and scaled query tile.
@@ -83,7 +92,9 @@ def _program_setup(q_ptr, sq_b, sq_h, sq_l, key_range_ptr, pid_rows, pid_bh, n_h
     else:
         key_start = 0
         key_end = k_len
-    q_ptrs = q_ptr + b * sq_b + head * sq_h + rows[:, None] * sq_l + offs_d[None, :]
+    q_tile_ptr = (q_ptr + b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h
+                  + (pid_rows * offs_m.shape[0]).to(tl.int64) * sq_l)
+    q_ptrs = q_tile_ptr + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d
     q_tile = tl.load(q_ptrs, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     q_tile = (q_tile.to(tl.float32) * scale_log2).to(q_ptr.dtype.element_ty)
     return b, head * kv_heads // n_heads, rows, real, row_pos, key_start, key_end, q_tile
@@ -102,7 +113,7 @@ def _key_tile_range(row_pos, pid_split, n_cols, TILES_PER_SPLIT: tl.constexpr, C
 @triton.jit
 def _row_stats_kernel(
     q_ptr, k_ptr, key_range_ptr, m_ptr, l_ptr,
-    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
+    sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d,
     n_heads, kv_heads, n_rows, n_cols, q_len, k_len, row0, n_splits, scale_log2, softcap_log2,
     ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
     HAS_KEY_RANGE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -113,13 +124,13 @@ def _row_stats_kernel(
     pid_bh, pid_split = tl.program_id(1), tl.program_id(2)
     offs_m, offs_n, offs_d = tl.arange(0, TILE_M), tl.arange(0, TILE_N), tl.arange(0, BLOCK_D)
     b, k_head, rows, real, row_pos, key_start, key_end, q_tile = _program_setup(
-        q_ptr, sq_b, sq_h, sq_l, key_range_ptr, pid_rows, pid_bh, n_heads, kv_heads, n_rows, q_len, k_len, row0,
+        q_ptr, sq_b, sq_h, sq_l, sq_d, key_range_ptr, pid_rows, pid_bh, n_heads, kv_heads, n_rows, q_len, k_len, row0,
         scale_log2, offs_m, offs_d, ROW_STRIDE, HAS_KEY_RANGE, HEAD_DIM)
     m_i = tl.full((TILE_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((TILE_M,), dtype=tl.float32)
     tile_lo, tile_hi = _key_tile_range(row_pos, pid_split, n_cols, TILES_PER_SPLIT, COL_STRIDE, TILE_N)
     for tile in range(tile_lo, tile_hi):
-        s = _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, b, k_head, tile * TILE_N, n_cols, k_len, row_pos,
+        s = _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, sk_d, b, k_head, tile * TILE_N, n_cols, k_len, row_pos,
                          key_start, key_end, offs_n, offs_d, softcap_log2, COL_STRIDE, HEAD_DIM, HAS_SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -149,7 +160,7 @@ def _merged_lse(m_ptr, l_ptr, pid_bh, n_splits, n_rows, rows, real):
 @triton.jit
 def _pooled_probs_kernel(
     q_ptr, k_ptr, key_range_ptr, m_ptr, l_ptr, score_ptr, mass_ptr,
-    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
+    sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d,
     n_heads, kv_heads, n_rows, n_cols, q_len, k_len, row0, n_splits, n_q_blocks, n_k_blocks, scale_log2,
     softcap_log2,
     ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
@@ -161,7 +172,7 @@ def _pooled_probs_kernel(
     pid_bh, pid_split = tl.program_id(1), tl.program_id(2)
     offs_m, offs_n, offs_d = tl.arange(0, TILE_M), tl.arange(0, TILE_N), tl.arange(0, BLOCK_D)
     b, k_head, rows, real, row_pos, key_start, key_end, q_tile = _program_setup(
-        q_ptr, sq_b, sq_h, sq_l, key_range_ptr, pid_rows, pid_bh, n_heads, kv_heads, n_rows, q_len, k_len, row0,
+        q_ptr, sq_b, sq_h, sq_l, sq_d, key_range_ptr, pid_rows, pid_bh, n_heads, kv_heads, n_rows, q_len, k_len, row0,
         scale_log2, offs_m, offs_d, ROW_STRIDE, HAS_KEY_RANGE, HEAD_DIM)
     lse = _merged_lse(m_ptr, l_ptr, pid_bh, n_splits, n_rows, rows, real)
 
@@ -173,7 +184,7 @@ def _pooled_probs_kernel(
     out_base = pid_bh * n_q_blocks * n_k_blocks + q_block[:, None] * n_k_blocks
     tile_lo, tile_hi = _key_tile_range(row_pos, pid_split, n_cols, TILES_PER_SPLIT, COL_STRIDE, TILE_N)
     for tile in range(tile_lo, tile_hi):
-        s = _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, b, k_head, tile * TILE_N, n_cols, k_len, row_pos,
+        s = _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, sk_d, b, k_head, tile * TILE_N, n_cols, k_len, row_pos,
                          key_start, key_end, offs_n, offs_d, softcap_log2, COL_STRIDE, HEAD_DIM, HAS_SOFTCAP)
         p = tl.exp2(s - lse[:, None])  # [TILE_M, TILE_N]
         # Pool keys into blocks, then rows into blocks.
@@ -237,8 +248,7 @@ def pooled_softmax_blocks(
     splits, tiles_per_split = _split_keys(rows, row_tiles * b * heads, col_tiles)
 
     kr = key_range.to(device=rows.device, dtype=torch.int32).contiguous() if key_range is not None else rows
-    args = (rows.stride(0), rows.stride(1), rows.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-            heads, keys.shape[1], n_rows, n_cols, q_len, k_len, row0 or 0)
+    args = (*rows.stride(), *keys.stride(), heads, keys.shape[1], n_rows, n_cols, q_len, k_len, row0 or 0)
     meta = dict(ROW_STRIDE=1 if single_block else stride, COL_STRIDE=stride, TILES_PER_SPLIT=tiles_per_split,
                 HAS_KEY_RANGE=key_range is not None, HAS_SOFTCAP=softcap is not None, HEAD_DIM=d,
                 BLOCK_D=_padded(d), TILE_M=tile_m, TILE_N=tile_n, num_warps=NUM_WARPS)
@@ -257,7 +267,7 @@ def pooled_softmax_blocks(
 
 @triton.jit
 def _pool_tokens_kernel(
-    x_ptr, out_ptr, key_range_ptr, sx_b, sx_h, sx_l, so_b, so_h, so_g, out_heads, length, n_groups,
+    x_ptr, out_ptr, key_range_ptr, sx_b, sx_h, sx_l, sx_d, so_b, so_h, so_g, out_heads, length, n_groups,
     STRIDE: tl.constexpr, HEADS_PER_OUT: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, GROUPS: tl.constexpr,
 ):
@@ -265,7 +275,8 @@ def _pool_tokens_kernel(
     that exist (and lie in the key range); zero for groups with no such token."""
     pid_g, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // out_heads, pid_bh % out_heads
-    groups = pid_g * GROUPS + tl.arange(0, GROUPS)
+    first_group = pid_g * GROUPS
+    groups = first_group + tl.arange(0, GROUPS)
     offs_d = tl.arange(0, BLOCK_D)
     in_dim = offs_d < HEAD_DIM
     if HAS_KEY_RANGE:
@@ -281,10 +292,13 @@ def _pool_tokens_kernel(
         ok = (token >= start) & (token < end)
         count += ok.to(tl.float32)
         for g in tl.static_range(HEADS_PER_OUT):
-            ptrs = x_ptr + b * sx_b + (h * HEADS_PER_OUT + g) * sx_h + token[:, None] * sx_l + offs_d[None, :]
+            x_head = (x_ptr + b.to(tl.int64) * sx_b + (h * HEADS_PER_OUT + g).to(tl.int64) * sx_h
+                      + (first_group * STRIDE).to(tl.int64) * sx_l)
+            ptrs = x_head + (token - first_group * STRIDE)[:, None] * sx_l + offs_d[None, :] * sx_d
             acc += tl.load(ptrs, mask=ok[:, None] & in_dim[None, :], other=0.0).to(tl.float32)
     out = acc / (tl.maximum(count, 1.0) * HEADS_PER_OUT)[:, None]
-    out_ptrs = out_ptr + b * so_b + h * so_h + groups[:, None] * so_g + offs_d[None, :]
+    out_tile = out_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + first_group.to(tl.int64) * so_g
+    out_ptrs = out_tile + tl.arange(0, GROUPS)[:, None] * so_g + offs_d[None, :]  # out: ours, contiguous
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(groups < n_groups)[:, None] & in_dim[None, :])
 
 
@@ -299,10 +313,9 @@ def pool_tokens_fused(x: torch.Tensor, stride: int, groups: int, heads: int,
     out = torch.empty(b, heads, groups, d, dtype=x.dtype, device=x.device)
     kr = key_range.to(device=x.device, dtype=torch.int32).contiguous() if key_range is not None else x
     grid = (triton.cdiv(groups, POOL_GROUPS), b * heads)
-    _pool_tokens_kernel[grid](x, out, kr, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
-                              out.stride(2), heads, length, groups, STRIDE=stride, HEADS_PER_OUT=h // heads,
-                              HAS_KEY_RANGE=key_range is not None, HEAD_DIM=d,
-                              BLOCK_D=_padded(d), GROUPS=POOL_GROUPS)
+    _pool_tokens_kernel[grid](x, out, kr, *x.stride(), out.stride(0), out.stride(1), out.stride(2), heads, length,
+                              groups, STRIDE=stride, HEADS_PER_OUT=h // heads, HAS_KEY_RANGE=key_range is not None,
+                              HEAD_DIM=d, BLOCK_D=_padded(d), GROUPS=POOL_GROUPS)
     return out
 
 

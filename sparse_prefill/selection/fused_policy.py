@@ -12,6 +12,10 @@ registers and writes its `counts` and ascending `indices` directly:
                              the top blocks, the exact last-row blocks, the question columns, the
                              exact tail (rule 4), compaction
 
+The rows' geometry (causal limit, first local block: `budget.row_geometry`) and the exact tail's first
+row (`budget.exact_tail_start`) are computed once by the PyTorch definitions and passed in, never
+re-derived here.
+
 "Largest first" needs no sort: masses are >= 0, so their fp32 bit patterns order like the values
 and a 31-step bisection over the bits finds the threshold; ties go to the lower block index, as the
 stable sort of the reference does.
@@ -24,18 +28,17 @@ import triton
 import triton.language as tl
 
 from ..layout import BlockLayout
-from .budget import exact_tail_start
+from .budget import exact_tail_start, row_geometry
 from .estimate import BlockScores
 
 
 @triton.jit
-def _row_geometry(i, q_len, k_len, cols, sink, local, BLOCK: tl.constexpr):
-    """Causal limit of query block i, its causal key blocks, and its always-kept ones (sink, local, diagonal)."""
-    q_off = k_len - q_len
-    limit = (q_off + tl.minimum((i + 1) * BLOCK, q_len) - 1) // BLOCK + 1
-    first_diag = (q_off + i * BLOCK) // BLOCK
+def _row_blocks(geometry_ptr, i, n_q_blocks, cols, sink):
+    """Causal limit of query block i, its causal key blocks, and its always-kept ones (sink, local, diagonal),
+    from `budget.row_geometry` [2, n_q_blocks]."""
+    limit = tl.load(geometry_ptr + i)
     causal = cols < limit
-    forced = causal & ((cols < sink) | (cols >= first_diag - local))
+    forced = causal & ((cols < sink) | (cols >= tl.load(geometry_ptr + n_q_blocks + i)))
     return limit, causal, forced
 
 
@@ -94,9 +97,8 @@ def _top(mass, eligible, n):
 
 @triton.jit
 def _calibrate_heads_kernel(
-    mass_ptr, last_mass_ptr, shortfall_ptr, exact_need_ptr, columns_ptr,
-    n_heads, heads_per_proxy, n_proxies, n_q_blocks, n_k_blocks, q_len, k_len, gamma, sink, local,
-    question_blocks, BLOCK: tl.constexpr, NKB: tl.constexpr,
+    mass_ptr, last_mass_ptr, geometry_ptr, shortfall_ptr, exact_need_ptr, columns_ptr,
+    n_heads, heads_per_proxy, n_proxies, n_q_blocks, n_k_blocks, gamma, sink, question_blocks, NKB: tl.constexpr,
 ):
     """Rules 2 and 5 per head: exact need of the last query block, how far the estimate's count fell short,
     and the question columns (the top non-forced blocks of the exact last block)."""
@@ -104,7 +106,7 @@ def _calibrate_heads_kernel(
     b, h = pid_bh // n_heads, pid_bh % n_heads
     cols = tl.arange(0, NKB)
     i = n_q_blocks - 1
-    _, causal, forced = _row_geometry(i, q_len, k_len, cols, sink, local, BLOCK)
+    _, causal, forced = _row_blocks(geometry_ptr, i, n_q_blocks, cols, sink)
     eligible = causal & ~forced
     in_row = cols < n_k_blocks
     proxy_row = ((b * n_proxies + h // heads_per_proxy) * n_q_blocks + i) * n_k_blocks
@@ -119,15 +121,15 @@ def _calibrate_heads_kernel(
 
 @triton.jit
 def _choose_rows_kernel(
-    mass_ptr, last_mass_ptr, shortfall_ptr, exact_need_ptr, columns_ptr, counts_ptr, indices_ptr,
-    n_heads, heads_per_proxy, n_proxies, n_q_blocks, n_k_blocks, q_len, k_len, gamma, sink, local, min_blocks,
-    tail_start, BLOCK: tl.constexpr, NKB: tl.constexpr,
+    mass_ptr, last_mass_ptr, geometry_ptr, shortfall_ptr, exact_need_ptr, columns_ptr, counts_ptr, indices_ptr,
+    n_heads, heads_per_proxy, n_proxies, n_q_blocks, n_k_blocks, gamma, sink, min_blocks, tail_start,
+    NKB: tl.constexpr,
 ):
     """Rules 1-4 for one (head, query block) row, written as a compressed layout row."""
     pid_bh, i = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     cols = tl.arange(0, NKB)
-    limit, causal, forced = _row_geometry(i, q_len, k_len, cols, sink, local, BLOCK)
+    limit, causal, forced = _row_blocks(geometry_ptr, i, n_q_blocks, cols, sink)
     eligible = causal & ~forced
     in_row = cols < n_k_blocks
     proxy_row = ((b * n_proxies + h // heads_per_proxy) * n_q_blocks + i) * n_k_blocks
@@ -157,22 +159,20 @@ def choose_blocks_fused(scores: BlockScores, last_mass: torch.Tensor, config, q_
     b, hq, n_kb = last_mass.shape
     n_proxies, n_qb = scores.mass.shape[1], scores.mass.shape[2]
     device = last_mass.device
-    mass = scores.mass.contiguous()
+    mass = scores.mass.contiguous()  # the callers' tensors: the kernels index them as contiguous rows
     last_mass = last_mass.contiguous()
     nkb_pow2 = triton.next_power_of_2(max(n_kb, 16))
     warps = 4 if nkb_pow2 <= 2048 else 8
-    geometry = (hq, scores.heads_per_proxy, n_proxies, n_qb, n_kb, q_len, k_len, float(config.gamma),
-                config.sink_blocks, config.local_blocks)
+    geometry = row_geometry(n_qb, q_len, k_len, config, device)
+    shape = (hq, scores.heads_per_proxy, n_proxies, n_qb, n_kb, float(config.gamma), config.sink_blocks)
     shortfall = torch.empty(b * hq, dtype=torch.int32, device=device)
     exact_need = torch.empty_like(shortfall)
     columns = torch.empty(b * hq, n_kb, dtype=torch.int8, device=device)
-    _calibrate_heads_kernel[(b * hq,)](mass, last_mass, shortfall, exact_need, columns, *geometry,
-                                        config.question_blocks, BLOCK=config.block_size, NKB=nkb_pow2,
-                                        num_warps=warps)
+    _calibrate_heads_kernel[(b * hq,)](mass, last_mass, geometry, shortfall, exact_need, columns, *shape,
+                                        config.question_blocks, NKB=nkb_pow2, num_warps=warps)
     counts = torch.empty(b, hq, n_qb, dtype=torch.int32, device=device)
     indices = torch.empty(b, hq, n_qb, n_kb, dtype=torch.int32, device=device)
-    _choose_rows_kernel[(b * hq, n_qb)](mass, last_mass, shortfall, exact_need, columns, counts, indices, *geometry,
-                                        config.min_budget_blocks, exact_tail_start(n_qb, q_len, config),
-                                        BLOCK=config.block_size, NKB=nkb_pow2,
-                                        num_warps=warps)
+    _choose_rows_kernel[(b * hq, n_qb)](mass, last_mass, geometry, shortfall, exact_need, columns, counts, indices,
+                                        *shape, config.min_budget_blocks, exact_tail_start(n_qb, q_len, config),
+                                        NKB=nkb_pow2, num_warps=warps)
     return BlockLayout(counts, indices, config.block_size, n_kb, canonical=True)
