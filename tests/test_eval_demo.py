@@ -76,7 +76,8 @@ def test_the_model_demo_runs_end_to_end_on_cpu(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert sorted({r["depth"] for r in rows}) == list(DEFAULTS["demo"].depths) and len(rows) == 6
     result = json.loads((tmp_path / "demo.json").read_text())
-    assert result["kind"] == "model" and len(result["heads"]) == 4 and result["length"] == 1024
+    assert result["kind"] == "model" and len(result["heads"]) == len(result["shown_heads"]) == 4
+    assert result["length"] == 1024 and 0 <= result["layer"] < 2
     for name in ("kept_blocks.png", "density_heatmap.png"):
         assert (tmp_path / name).stat().st_size > 10_000
     assert len(json.loads((tmp_path / "density.json").read_text())["layer_head"]) == 2  # the tiny model's layers

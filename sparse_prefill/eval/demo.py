@@ -142,8 +142,8 @@ def _head_rows(result: dict, labels: list[dict]) -> list[dict]:
 
 
 _HEAD_COLUMNS = ("kept", "captured", "oracle, same mass", "needle reads kept")
-_LEGEND = ("\nkept: the causal blocks the selection keeps; captured: the share of the exact attention they hold; "
-           "oracle, same mass: the fewest blocks that give every query block that share; needle reads kept: of the "
+_LEGEND = ("\nkept: the causal blocks the selection keeps; captured: the share of the exact attention they hold;\n"
+           "oracle, same mass: the fewest blocks that give every query block that share;\nneedle reads kept: of the "
            f"blocks where a needle's readers put {READ_MASS:.0%} or more of their attention.")
 
 
@@ -232,7 +232,7 @@ def model_demo(args, name: str, device, defaults) -> int:
                                     f"{label}, {show(length)} tokens: kept blocks per layer x head"),
                *_write(out, result, [f"layer {index}, head {h}" for h in heads],
                        f"{label}, {show(length)} tokens, needle at {example.depth:.0%}: the heads that read it most",
-                       {"kind": "model", "model": label, "length": length, "layer": index, "heads": heads,
+                       {"kind": "model", "model": label, "length": length, "layer": index, "shown_heads": heads,
                         "config": repr(config)})]
     print(f"wrote: {', '.join(map(str, written))}")
     if device.type == "cpu":
