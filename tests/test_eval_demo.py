@@ -113,7 +113,8 @@ def test_on_a_gpu_the_demo_runs_the_cached_model_or_fetches_it_when_asked(gpu, t
     monkeypatch.setenv("SPARSE_PREFILL_CACHE", str(tmp_path))
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / f"{PIN}.gguf").write_bytes(b"cached")
-    assert main(["demo"]) == 0 and main(["demo", "--synthetic"]) == 0 and main(["demo", "--device", "cpu"]) == 0
+    assert main(["demo"]) == 0 and main(["demo", "--synthetic", "--model", PIN]) == 0
+    assert main(["demo", "--device", "cpu"]) == 0
     assert gpu == [("model", PIN, "cuda"), ("synthetic",), ("synthetic",)]
     (tmp_path / "models" / f"{PIN}.gguf").unlink()
     gpu.clear()

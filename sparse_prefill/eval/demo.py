@@ -38,7 +38,7 @@ def run_demo(args) -> int:
     defaults = DEFAULTS["demo"]
     check_output(args.out, "demo", args.overwrite)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = args.model
+    model = None if args.synthetic else args.model
     if model is None and not args.synthetic and device.type == "cuda":
         if args.fetch or _cached(defaults.model):
             model = defaults.model

@@ -72,7 +72,8 @@ def add_parsers(subparsers) -> None:
                                    f"{demo.model}, if in the cache or with --fetch)")
     p.add_argument("--fetch", action="store_true", help="download the pinned model (see `sparse-prefill fetch-model`) "
                                                         "if it is not in the cache")
-    p.add_argument("--synthetic", action="store_true", help="the synthetic attention problem, even on CUDA")
+    p.add_argument("--synthetic", action="store_true",
+                   help="the synthetic attention problem, even on CUDA or with --model")
     p.add_argument("--length", type=int, help=f"prompt length in tokens (default: {show(demo.length)} on CUDA, "
                                               f"{show(demo.cpu_length)} for a --model on CPU, "
                                               f"{show(demo.synthetic_length)} for the synthetic problem)")
