@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparse_prefill import SparsePrefillConfig  # noqa: E402
 from sparse_prefill.config import config_from_options  # noqa: E402
 from sparse_prefill.eval.archs import random_model  # noqa: E402
-from sparse_prefill.eval.commands import parse_lengths  # noqa: E402
 from sparse_prefill.eval.models import load_model  # noqa: E402
+from sparse_prefill.eval.options import parse_lengths  # noqa: E402
 from sparse_prefill.eval.recording import load_layer_densities  # noqa: E402
 from sparse_prefill.eval.runner import format_table  # noqa: E402
 from sparse_prefill.eval.speed import attention_only, attention_shape, end_to_end  # noqa: E402

@@ -39,9 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_prefill import SparsePrefillConfig  # noqa: E402
-from sparse_prefill.eval.commands import parse_lengths  # noqa: E402
 from sparse_prefill.eval.models import load_model  # noqa: E402
 from sparse_prefill.eval.needles import NeedleProbe, question_rows, relevant_needles  # noqa: E402
+from sparse_prefill.eval.options import parse_lengths  # noqa: E402
 from sparse_prefill.eval.recording import LayoutRecorder, intercept_layouts, num_layers  # noqa: E402
 from sparse_prefill.eval.runner import forced_argmax, greedy_answer, greedy_tokens, set_mode  # noqa: E402
 from sparse_prefill.eval.scoring import paired_difference, score, wilson_interval  # noqa: E402

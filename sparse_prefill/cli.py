@@ -1,10 +1,12 @@
-"""The `sparse-prefill` command: evaluation, speed and model-fetching subcommands.
+"""The `sparse-prefill` command: a demo, evaluation, speed and model-fetching subcommands.
 
-    sparse-prefill niah | ruler | ppl | speed | sweep | recall | fetch-model | lm-eval | serve
+    sparse-prefill demo | niah | ruler | ppl | speed | sweep | recall | fetch-model | lm-eval | serve
 
-Run any of them with no `--model` to use the embedded tiny random-weight model (a smoke run on a
-CPU). The subcommands live in `sparse_prefill.eval.commands` (and `eval.recall`). Building the parser
-imports neither torch nor transformers, so `--help` is instant.
+`demo` is the first command to run. The others run with no `--model` on the embedded tiny random-weight
+model (a smoke run on a CPU). Their flags and defaults live in `sparse_prefill.eval.parsers` and
+`eval.options`, their runs in `eval.commands`, `eval.recall` and `eval.demo`. Building the parser imports
+neither torch nor transformers, so `--help` is instant. `serve` runs transformers serve with every model it
+loads patched (`sparse_prefill.patches.serve`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-prefill", description="Block-sparse prefill for transformers models.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from .eval.commands import add_parsers
+    from .eval.parsers import add_parsers
 
     add_parsers(subparsers)
     subparsers.add_parser("serve", add_help=False, help="transformers serve with every model it loads patched; "
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .eval.commands import CommandError
+    from .eval.options import CommandError
 
     try:
         return args.func(args)

@@ -1,5 +1,7 @@
 """`sparse-prefill` commands, run end to end on the embedded tiny model (CPU, seconds each)."""
 
+import argparse
+import dataclasses
 import json
 import re
 import subprocess
@@ -10,8 +12,8 @@ import pytest
 import torch
 
 from sparse_prefill.cli import build_parser, main
-from sparse_prefill.eval import commands
-from sparse_prefill.eval.commands import parse_lengths
+from sparse_prefill.eval import options, output
+from sparse_prefill.eval.options import DEFAULTS, parse_lengths
 
 FAST = ["--min-budget-tokens", "64", "--no-progress"]
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +23,7 @@ CPU_NOTE = "note: on CPU the sparse path runs the plain-PyTorch reference and is
 def test_help_lists_every_command(capsys):
     build_parser().print_help()
     out = capsys.readouterr().out
-    for command in ("niah", "ruler", "ppl", "speed", "sweep", "fetch-model", "lm-eval"):
+    for command in ("demo", "niah", "ruler", "ppl", "speed", "sweep", "recall", "fetch-model", "lm-eval"):
         assert command in out
     assert main([]) == 0
 
@@ -32,17 +34,19 @@ def test_building_the_parser_imports_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
     code = ("import sys; from sparse_prefill.cli import main\n"
-            "try:\n    main(['niah', '--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
+            "for command in ('niah', 'demo', 'recall'):\n    try:\n        main([command, '--help'])\n"
+            "    except SystemExit as exit:\n        assert exit.code == 0\n"
             "print(*(m in sys.modules for m in ('torch', 'transformers', 'matplotlib')))")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert "--proxy-heads" in run.stdout and run.stdout.split()[-3:] == ["False", "False", "False"]
+    assert "--proxy-heads" in run.stdout and "--fetch" in run.stdout and "captured softmax mass" in run.stdout
+    assert run.stdout.split()[-3:] == ["False", "False", "False"]
 
 
 def test_every_command_takes_the_config_flags():
     parser = build_parser()
     for command in (["niah"], ["ruler"], ["ppl"], ["speed"], ["sweep"], ["recall", "--model", "m.gguf"]):
         args = parser.parse_args([*command, "--proxy-heads", "q", "--stride", "16", "--min-budget-tokens", "1024"])
-        config = commands.config_from_args(args)
+        config = options.config_from_args(args)
         assert (config.proxy_heads, config.stride, config.min_budget_tokens) == ("q", 16, 1024), command
 
 
@@ -101,7 +105,7 @@ def test_niah_multikey_runs_at_its_default_lengths(tmp_path, capsys):
 def test_ruler_runs_every_task_at_its_default_lengths(tmp_path, capsys):
     assert main(["ruler", "--no-progress", "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    lengths = {task: sorted({r["length"] for r in rows if r["task"] == task}) for task in commands.TINY_MIN_LENGTH}
+    lengths = {task: sorted({r["length"] for r in rows if r["task"] == task}) for task in options.TINY_MIN_LENGTH}
     assert set(lengths) <= {r["task"] for r in rows} and len({r["task"] for r in rows}) == 8
     assert all(found == [768, 1024] for found in lengths.values()), lengths
     assert {r["length"] for r in rows if r["task"] == "passkey"} == {512, 1024}
@@ -114,7 +118,7 @@ def test_the_tiny_default_lengths_fit_every_task():
 
     tok = byte_tokenizer()
     for task in TASKS:
-        shortest = max(512, commands.TINY_MIN_LENGTH.get(task, 0))
+        shortest = max(512, options.TINY_MIN_LENGTH.get(task, 0))
         for seed in range(5):
             for haystack in ("noise", "prose"):
                 assert len(make_example(task, tok, shortest, 0.5, seed, haystack).input_ids) == shortest
@@ -177,7 +181,7 @@ def test_sweep_writes_the_accuracy_vs_speedup_curve(tmp_path, capsys):
 
 def test_each_run_gets_its_own_folder_by_default(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(commands.time, "strftime", lambda fmt, *t: "20250102-030405")  # two runs, one second
+    monkeypatch.setattr(output.time, "strftime", lambda fmt, *t: "20250102-030405")  # two runs, one second
     printed = []
     for _ in range(2):
         assert main(["ppl", "--lengths", "256", *FAST]) == 0
@@ -216,3 +220,59 @@ def test_fetch_model_lists_the_pins(capsys):
 def test_model_and_arch_together_is_an_error():
     with pytest.raises(ValueError, match="either --model"):
         main(["niah", "--model", "x", "--arch", "llama-3.1-8b", "--no-progress"])
+
+
+def _help_of(command: str) -> str:
+    (subparsers,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return " ".join(subparsers.choices[command].format_help().split())
+
+
+class _Stop(Exception):
+    """Raised by a stand-in once it has seen what the run would do."""
+
+
+def test_each_commands_defaults_are_stated_once(tmp_path, monkeypatch):
+    """Rule: a command's defaults live in options.DEFAULTS only. Change them there, and the help text and the
+    run both follow (lengths and seeds per model kind, depths)."""
+    from sparse_prefill.eval import perplexity, runner
+
+    seen = {}
+
+    def record(model, tokenizer, examples, config, **kwargs):
+        seen.update(lengths=sorted({e.length for e in examples}), depths=sorted({e.depth for e in examples}),
+                    n=len(examples))
+        raise _Stop
+
+    monkeypatch.setattr(runner, "run_examples", record)
+    monkeypatch.setattr(perplexity, "perplexity_rows", lambda model, ids, config: seen.setdefault("ppl", []).append(
+        len(ids)) or [])
+    for command in ("niah", "sweep", "ppl"):
+        changed = dataclasses.replace(DEFAULTS[command], tiny_lengths=(384, 448), lengths=(5 * 1024,),
+                                      depths=(0.25, 0.75), tiny_seeds=2)
+        monkeypatch.setitem(DEFAULTS, command, changed)
+        text = _help_of(command)
+        assert "384,448" in text and "5k" in text, command
+        if command != "ppl":
+            assert "(default 0.25,0.75)" in text and "(default 2 on the tiny model" in text
+            with pytest.raises(_Stop):
+                main([command, "--no-progress", "--out", str(tmp_path / command)])
+            assert seen == {"lengths": [384, 448], "depths": [0.25, 0.75], "n": 2 * 2 * 2}, command
+        else:
+            assert main([command, "--no-progress", "--out", str(tmp_path / command)]) == 0
+            assert seen["ppl"] == [384, 448]
+
+
+def test_help_states_the_library_and_command_defaults():
+    text = _help_of("niah")
+    assert "(library default 0.95)" in text and "(library default 128)" in text  # SparsePrefillConfig's own
+    assert "(default 0 here" in text and "block-size 64, min-budget-tokens 256" in text  # commands' and tiny preset
+    assert "from 768 for niah_multikey" in text
+    recall = _help_of("recall")
+    assert "(default 8192)" in recall and "(default 0.8,0.85,0.9,0.93,0.95,0.97,0.99)" in recall
+
+
+def test_recall_flags_parse_to_typed_values():
+    args = build_parser().parse_args(["recall", "--model", "m", "--gammas", "0.5, 0.9", "--policies", "ours, oracle",
+                                      "--layers", "0,3"])
+    assert (args.gammas, args.policies, args.layers) == ([0.5, 0.9], ["ours", "oracle"], [0, 3])
+    assert args.func.target == "recall.run_cli" and build_parser().parse_args(["demo"]).func.target == "demo.run_demo"

@@ -1,6 +1,5 @@
 """The selection-quality harness: exact block mass, scoring, oracle, peer policies, capture, CLI."""
 
-import argparse
 import json
 import math
 
@@ -8,7 +7,9 @@ import pytest
 import torch
 
 from sparse_prefill import SparsePrefillConfig
+from sparse_prefill.cli import build_parser
 from sparse_prefill.eval import recall
+from sparse_prefill.eval.options import RECALL_POLICIES
 from sparse_prefill.eval.peer_policies import flexprefill_mask, xattention_mask
 from sparse_prefill.layout import causal_block_limits
 
@@ -103,7 +104,7 @@ def test_evaluate_layers_json_png_and_cli(tmp_path):
     layers = recall.capture_queries_and_keys(model, torch.randint(0, 128, (1, 512)), store_dtype=torch.float32)
     cfg = SparsePrefillConfig(block_size=64, min_budget_tokens=0, stride=4)
     result = recall.evaluate_layers(layers, cfg, gammas=(0.5, 0.9), log=lambda _: None)
-    assert set(result["policies"]) == set(recall.POLICY_NAMES)
+    assert list(result["policies"]) == list(RECALL_POLICIES) == list(recall.POLICIES)
     for policy, points in result["policies"].items():
         for point in points:
             assert 0 < point["density"] <= 1 and 0 < point["captured_mass"] <= 1 + 1e-6
@@ -121,10 +122,8 @@ def test_evaluate_layers_json_png_and_cli(tmp_path):
     assert recall.density_at_mass(points, 0.9) == pytest.approx(0.3)
     assert recall.density_at_mass(points[:1], 0.9) is None
 
-    parser = argparse.ArgumentParser()
-    recall.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["recall", "--model", "m.gguf", "--tokens", "4096", "--policies", "ours,oracle"])
-    assert args.func is recall.run_cli and args.tokens == 4096 and args.policies == "ours,oracle"
+    args = build_parser().parse_args(["recall", "--model", "m.gguf", "--tokens", "4096", "--policies", "ours,oracle"])
+    assert args.func.target == "recall.run_cli" and args.tokens == 4096 and args.policies == ["ours", "oracle"]
 
 
 def test_recall_cli_config_and_output_folder_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):

@@ -8,7 +8,16 @@
     plots.py      NIAH heatmap, accuracy vs speedup, density per layer x head
     models.py     pinned trained models (GGUF inside PyPI wheels) and the model loader
     archs.py      random-weight architectures and the embedded tiny default
-    commands.py   the `sparse-prefill` subcommands; lm_harness.py: lm-eval's `sparse_hf` and tasks
+    recall.py     captured attention mass vs density of selection policies, against an exact oracle
+    synthetic.py  an attention problem with known structure (sink, local decay, needles) for the demo
+
+The `sparse-prefill` command, in the order a run goes through it:
+    options.py    every command's defaults (stated once) and the shared flag groups; no torch
+    parsers.py    the subcommands' parsers, one block each; runs are named, imported only when run
+    output.py     each run's output folder
+    session.py    model, config, prompts and notes shared by the model-running commands
+    commands.py   niah, ruler, ppl, speed, sweep, fetch-model; demo.py: the first command to run
+    lm_harness.py lm-eval's `sparse_hf` model and tasks
 
 Nothing here is imported by `sparse_prefill` itself: evaluation needs the `eval` extra.
 """

