@@ -51,6 +51,7 @@ from sparse_prefill.eval.models import with_yarn  # noqa: E402
 from sparse_prefill.eval.recording import LayoutRecorder, intercept_layouts, num_layers  # noqa: E402
 from sparse_prefill.eval.runner import format_table, greedy_answer, synchronize, timed_prefill  # noqa: E402
 from sparse_prefill.eval.scoring import paired_difference, score  # noqa: E402
+from sparse_prefill.eval.speed import time_call  # noqa: E402
 from sparse_prefill.eval.tasks import make_example  # noqa: E402
 
 PAGE = 256  # paged-cache page size (tokens)
@@ -199,16 +200,8 @@ def stage_overhead(model, tok, args, config, device) -> list[dict]:
     longs = pack(q_lens[:n_long], k_lens[:n_long])
     shorts = pack(q_lens[n_long:], k_lens[n_long:])
 
-    def timed(fn, repeats=5):
-        fn()
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def timed(fn):
+        return time_call(fn, device, repeats=5)
 
     with torch.no_grad():
         t_whole = timed(lambda: attention(layer, *whole[:4], scaling=layer.scaling, **whole[4]))
