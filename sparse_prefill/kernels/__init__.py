@@ -10,8 +10,11 @@ from __future__ import annotations
 import torch
 
 from ..layout import BlockLayout
+from .interpreter import fix_interpreter_scalars
 from .reference import block_sparse_attention_reference, check_attention_inputs
 from .support import triton_supports
+
+fix_interpreter_scalars()  # interpreted kernels on Triton 3.4-3.6 with numpy >= 2.4 (interpreter.py)
 
 
 def use_triton(q: torch.Tensor, block_size: int, backend: str) -> bool:
