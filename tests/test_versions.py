@@ -11,8 +11,10 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from model_zoo import tiny_model
 from packaging.requirements import Requirement
 from packaging.version import Version
+from transformers import AutoModelForCausalLM
 
 import sparse_prefill.kernels  # noqa: F401  (importing the kernels mends old interpreters)
 from sparse_prefill.kernels.triton_attention import triton_interpreter_on
@@ -41,6 +43,15 @@ def test_ci_floor_pins_exactly_the_declared_lower_bounds():
         floor, pin = only_version(req, ">="), only_version(pinned[name], "==")
         assert pin == floor, f"{name}: .ci/floor.txt pins {pin}, pyproject.toml declares >= {floor}"
         assert str(pinned[name].marker) == str(req.marker), f"{name}: the markers differ"
+
+
+def test_transformers_can_use_the_installed_accelerate(tmp_path):
+    # Rule: the accelerate floor is one our transformers floor accepts. transformers 5.0 treats accelerate < 1.1
+    # as absent and refuses device_map; with 1.1 it fails importing a helper that 1.2 added.
+    saved = tiny_model("llama")
+    saved.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.weight, saved.model.layers[0].self_attn.q_proj.weight)
 
 
 @triton.jit
