@@ -11,13 +11,11 @@ import torch
 from model_zoo import tiny_model
 from transformers.masking_utils import (
     causal_mask_function,
-    eager_mask,
-    flash_attention_mask,
     packed_sequence_mask_function,
-    sdpa_mask,
     sliding_window_causal_mask_function,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers_masks import eager_mask, flash_attention_mask, sdpa_mask
 
 from sparse_prefill import SparsePrefillConfig, block_sparse_attention, patch_model, select_blocks
 from sparse_prefill.patches import SparsePrefillWarning

@@ -7,8 +7,8 @@ import math
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers.masking_utils import eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers_masks import eager_mask, sdpa_mask
 
 from sparse_prefill import SparsePrefillConfig, block_sparse_attention, sparse_attention
 from sparse_prefill.patches import transformers_attention as glue

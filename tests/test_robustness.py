@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 from model_zoo import tiny_model
-from transformers.masking_utils import sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers_masks import sdpa_mask
 
 from sparse_prefill import (
     BlockLayout,

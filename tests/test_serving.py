@@ -255,13 +255,16 @@ def test_the_engine_gets_each_request_as_fresh_aligned_tensors():
 
 def test_unpatching_the_last_model_restores_the_registry_and_unpatched_models_compile_fully():
     patched, other = tiny_model("llama"), tiny_model("llama", seed=1)
+    ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(0))
+
+    def compiled_logits():  # fullgraph: another model's calls pass through the wrapper without a graph break
+        torch._dynamo.reset()
+        with torch.no_grad():
+            return torch.compile(other, backend="eager", fullgraph=True)(ids).logits
+
+    want = compiled_logits()  # before any model is patched (compiled, as eager and compiled differ by rounding)
     patch_model(patched, EXACT)
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
-    ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # another model's calls pass through the wrapper, without a graph break
-        want = other(ids).logits
-        torch._dynamo.reset()
-        got = torch.compile(other, backend="eager", fullgraph=True)(ids).logits
-    assert torch.equal(got, want)
+    assert torch.equal(compiled_logits(), want)
     unpatch_model(patched)
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward

@@ -13,7 +13,10 @@ import torch
 from ..layout import BlockLayout
 from . import reference
 from .call import AttentionCall
+from .interpreter import fix_interpreter_scalars
 from .support import triton_supports
+
+fix_interpreter_scalars()  # interpreted kernels on Triton 3.4-3.6 with numpy >= 2.4 (interpreter.py)
 
 
 def use_triton(q: torch.Tensor, block_size: int, backend: str) -> bool:
