@@ -218,6 +218,19 @@ def test_registered_backend_is_the_one_vllm_resolves():
         8, PAGE, HKV, D)
 
 
+def test_backend_validates_where_flash_attention_does():
+    """vLLM checks a selected backend with `validate_configuration` and refuses it with the reasons it returns:
+    ours takes what FlashAttention takes (the two Qwen2.5 head sizes, bf16, an auto/fp16/bf16 cache, Hopper)."""
+    from vllm.platforms.interface import DeviceCapability
+
+    for head_size in (64, 128):
+        reasons = backend.SparsePrefillBackend.validate_configuration(
+            head_size=head_size, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None, use_mla=False,
+            has_sink=False, use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
+            device_capability=DeviceCapability(9, 0), attn_type="decoder")
+        assert reasons == []
+
+
 def model_folder() -> str | None:
     folder = os.environ.get("SPARSE_PREFILL_VLLM_MODEL")
     if folder:
