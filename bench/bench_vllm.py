@@ -319,6 +319,8 @@ def run_engine(args, argv, name, backend, plan_path, tmp: Path, deadline: float)
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in the worker: the backend's timings readable
            "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",  # a 128K prompt plus its answer just past YaRN x4's 131072
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           # greedy decoding samples nothing; with FlashInfer's sampler on, vLLM imports FlashInfer at start
+           "VLLM_USE_FLASHINFER_SAMPLER": os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()
     try:
