@@ -103,6 +103,9 @@ class VllmEngine:
         from vllm import LLM
 
         from sparse_prefill.eval.models import with_yarn
+        from sparse_prefill.patches.vllm import register
+
+        register()  # what vLLM's plugin loader does when the package is installed; a checkout on PYTHONPATH is not
 
         extra = {"hf_overrides": functools.partial(with_yarn, factor=args.yarn)} if args.yarn else {}
         if args.max_num_batched_tokens:

@@ -244,6 +244,8 @@ def model_folder() -> str | None:
 ENGINE = textwrap.dedent("""
     import json, sys
     from vllm import LLM, SamplingParams
+    from sparse_prefill.patches.vllm import register
+    register()  # as vLLM's plugin loader does for an installed package (the workers of tp > 1 need it installed)
     model, backend, out, tp = sys.argv[1:5]
     llm = LLM(model, attention_backend=backend, max_model_len=8192, max_num_batched_tokens=1024,
               enable_prefix_caching=False, gpu_memory_utilization=0.5, seed=0, tensor_parallel_size=int(tp))
