@@ -189,3 +189,26 @@ def config_from_options(options: Mapping[str, object], base: SparsePrefillConfig
             raise ValueError(f"SparsePrefillConfig.{field} is given twice (as {field!r} and with dashes).")
         changes[field] = convert(field, value)
     return (base or SparsePrefillConfig()).replace(**changes)
+
+
+def config_from_text(text: str, base: SparsePrefillConfig | None = None) -> SparsePrefillConfig:
+    """A validated SparsePrefillConfig from `field=value` pairs separated by commas, as an environment variable
+    or a bench script gives them: "gamma=0.9,min_seq_len=auto". Each value is parsed by `config_from_options`;
+    empty text gives `base` (default: the library defaults).
+
+    Raises ValueError for a piece that is no `field=value` pair, a field given twice, and whatever
+    `config_from_options` refuses.
+    """
+    options: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"{item.strip()!r} is not a `field=value` pair; write SparsePrefillConfig fields as "
+                             "e.g. 'gamma=0.9,min_seq_len=auto'.")
+        if name in options:
+            raise ValueError(f"SparsePrefillConfig field {name!r} is given twice in {text!r}.")
+        options[name] = value.strip()
+    return config_from_options(options, base)

@@ -18,7 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from sparse_prefill import SparsePrefillConfig, patch_model, sparse_attention, unpatch_model
 from sparse_prefill.notices import forget_warnings
-from sparse_prefill.patches import SparsePrefillWarning, packed
+from sparse_prefill.patches import SparsePrefillWarning, packed, per_request
 from sparse_prefill.patches import transformers_attention as glue
 
 EXACT = SparsePrefillConfig(block_size=64, gamma=1.0, min_budget_tokens=0, min_seq_len=0)
@@ -51,13 +51,13 @@ def generate_batch(model, inputs, max_batch_tokens=256, new_tokens=4):
 def sparse_calls(monkeypatch):
     """Each sparse call the packed path makes: (queries, keys, last_chunk)."""
     calls = []
-    inner = packed.sparse_attention
+    inner = per_request.sparse_attention
 
     def spy(q, k, v, config, **kwargs):
         calls.append((q.shape[2], k.shape[2], kwargs["last_chunk"]))
         return inner(q, k, v, config, **kwargs)
 
-    monkeypatch.setattr(packed, "sparse_attention", spy)
+    monkeypatch.setattr(per_request, "sparse_attention", spy)
     return calls
 
 
@@ -165,7 +165,7 @@ def test_only_the_request_whose_last_query_gives_a_token_is_a_prompt_end(monkeyp
     q, k, v, mask, kwargs = packed_call((200, 150), (200, 800))
     kwargs["logits_indices"] = torch.tensor([349], dtype=torch.int32)  # request 0 is a chunk of a longer prompt
     seen = []
-    monkeypatch.setattr(packed, "sparse_attention", lambda q, *a, **kw: seen.append(kw["last_chunk"]) or q)
+    monkeypatch.setattr(per_request, "sparse_attention", lambda q, *a, **kw: seen.append(kw["last_chunk"]) or q)
     attention, module = attention_module(TIGHT)
     attention(module, q, k, v, mask, scaling=0.25, **kwargs)
     assert seen == [False, True]
@@ -188,7 +188,7 @@ def test_a_request_the_sparse_path_fails_on_runs_dense_with_one_warning(monkeypa
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(packed, "sparse_attention", out_of_memory)
+    monkeypatch.setattr(per_request, "sparse_attention", out_of_memory)
     attention, module = attention_module(TIGHT)
     forget_warnings()
     with pytest.warns(SparsePrefillWarning, match="failed on.*OutOfMemoryError") as caught:

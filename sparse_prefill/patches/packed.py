@@ -24,30 +24,14 @@ than stopping the engine, which would fail every request in flight.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from ..attention import sparse_attention
 from ..config import SparsePrefillConfig
-from ..notices import warn_once
 from .masks import remembered
-from .padded_rows import too_short_for_sparse
+from .per_request import PackedRequests, attend_alone, too_short_for_sparse, warn_dense
 
 MIN_TRANSFORMERS = (5, 24)  # keys read back from the paged cache before the attention function is called
-
-
-@dataclass(frozen=True)
-class PackedRequests:
-    """The requests of one packed call, as host ints read once per forward.
-
-    q_bounds, k_bounds: each request's [start, end) in the packed queries and keys.
-    last_chunk: whether each request's queries end its prompt (its last query gives a token).
-    """
-
-    q_bounds: tuple[tuple[int, int], ...]
-    k_bounds: tuple[tuple[int, int], ...]
-    last_chunk: tuple[bool, ...]
 
 
 def read_packed(kwargs: dict, q_len: int, k_len: int) -> tuple[PackedRequests | None, str | None]:
@@ -85,7 +69,7 @@ def attend_packed(dense: Callable, module, query, key, value, attention_mask, dr
     when the whole call should go to the engine's `dense` function unchanged."""
     if kwargs.get("cache") is not None:
         version = ".".join(map(str, MIN_TRANSFORMERS))
-        _warn(f"continuous batching on this transformers version, which updates its paged cache inside the "
+        warn_dense(f"continuous batching on this transformers version, which updates its paged cache inside the "
               f"attention function (sparse prefill there needs transformers >= {version})")
         return None
     if kwargs.get("block_table") is not None or query.shape[0] != 1:
@@ -94,15 +78,14 @@ def attend_packed(dense: Callable, module, query, key, value, attention_mask, dr
     if isinstance(max_q, int) and isinstance(max_k, int) and too_short_for_sparse(max_q, max_k, config):
         return None  # no request is long: nothing to read, the engine's call as it is
     if query.is_cuda and torch.cuda.is_current_stream_capturing():
-        _warn("a prefill captured in a CUDA graph (selection reads the request lengths on the host); turn graphs "
+        warn_dense("a prefill captured in a CUDA graph (selection reads the request lengths on the host); turn graphs "
               "off for the prefill path, e.g. ContinuousBatchingConfig(use_cuda_graph=(False, True))")
         return None
     requests, reason = read_packed(kwargs, query.shape[2], key.shape[2])
     if reason is not None:
-        _warn(reason)
+        warn_dense(reason)
         return None
-    long = [not too_short_for_sparse(qe - qs, ke - ks, config)
-            for (qs, qe), (ks, ke) in zip(requests.q_bounds, requests.k_bounds, strict=True)]
+    long = requests.sparse(config)
     if not any(long):
         return None
 
@@ -112,13 +95,11 @@ def attend_packed(dense: Callable, module, query, key, value, attention_mask, dr
             continue
         q, k, v = query[:, :, qs:qe], key[:, :, ks:ke], value[:, :, ks:ke]
         if long[i]:
-            try:
-                attended = sparse_attention(q, k, v, config, scale=scaling, softcap=kwargs.get("softcap"),
-                                            last_chunk=requests.last_chunk[i])
+            attended = attend_alone(q, k, v, config, scale=scaling, softcap=kwargs.get("softcap"),
+                                    last_chunk=requests.last_chunk[i])
+            if attended is not None:  # None: it failed (out of memory, say) and runs dense instead
                 out[:, qs:qe] = attended.transpose(1, 2)
                 continue
-            except (RuntimeError, ValueError) as err:  # out of memory, say: this request runs dense instead
-                _warn(f"a request the sparse path failed on ({type(err).__name__}: {err})")
         own = _one_request_kwargs(kwargs, (qs, qe), (ks, ke), query.shape[2], q.device)
         mask = attention_mask
         if isinstance(mask, torch.Tensor) and tuple(mask.shape[-2:]) == (query.shape[2], key.shape[2]):
@@ -151,7 +132,3 @@ def _one_request_kwargs(kwargs: dict, q_bounds, k_bounds, q_len: int, device) ->
     if isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[-1] == q_len:
         own["position_ids"] = positions[:, qs:qe]
     return own
-
-
-def _warn(reason: str) -> None:
-    warn_once(f"sparse_prefill: dense attention used for {reason}.", stacklevel=4)

@@ -16,11 +16,7 @@ import torch
 from ..attention import sparse_attention
 from ..config import SparsePrefillConfig
 from ..kernels import block_sparse_attention
-
-
-def too_short_for_sparse(q_len: int, k_len: int, config: SparsePrefillConfig) -> bool:
-    """Decode steps and prompts below the length threshold stay dense (the selection would not pay)."""
-    return q_len < config.block_size or k_len < config.effective_min_seq_len
+from .per_request import too_short_for_sparse
 
 
 def attend_rows_alone(

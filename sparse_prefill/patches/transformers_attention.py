@@ -38,10 +38,10 @@ from ..attention import sparse_attention
 from ..config import SparsePrefillConfig, as_config
 from ..kernels import triton_supports
 from ..notices import forget_warnings, warn_once
-from ..selection.estimate import num_proxies
 from .masks import MaskReading, read_mask
 from .packed import attend_packed
-from .padded_rows import attend_rows_alone, too_short_for_sparse
+from .padded_rows import attend_rows_alone
+from .per_request import check_proxy_heads, rank_config, too_short_for_sparse
 
 try:  # where transformers >= 5 collects `output_attentions` through hooks
     from transformers.utils.output_capturing import _active_collector as _ACTIVE_COLLECTOR
@@ -282,15 +282,11 @@ def _head_counts(module: torch.nn.Module, model_config) -> tuple[int, int] | Non
 
 
 def _rank_config(module, local_heads: int, config: SparsePrefillConfig) -> SparsePrefillConfig:
-    """The config for a call that sees `local_heads` of the layer's query heads (tensor parallelism puts a slice of
-    the heads on each GPU). "q" and "kv" mean the same on a slice; an int number of proxies is for the whole layer,
-    so each slice gets its share of them (`_check_heads` made sure the share is whole)."""
+    """The config for a call that sees `local_heads` of the module's query heads (`per_request.rank_config`)."""
     if not isinstance(config.proxy_heads, int):
         return config
     counts = _head_counts(module, getattr(module, "config", None))
-    if counts is None or counts[0] == local_heads or counts[0] % local_heads:
-        return config
-    return config.replace(proxy_heads=max(1, config.proxy_heads * local_heads // counts[0]))
+    return config if counts is None else rank_config(config, local_heads, counts[0])
 
 
 def _check_heads(attention_modules, model_config, config: SparsePrefillConfig, shards: int = 1) -> None:
@@ -299,12 +295,7 @@ def _check_heads(attention_modules, model_config, config: SparsePrefillConfig, s
         counts = _head_counts(module, model_config)
         if counts is not None:
             try:
-                num_proxies(*counts, config.proxy_heads)
-                if isinstance(config.proxy_heads, int) and shards > 1:  # each GPU's slice: its share of proxies
-                    if config.proxy_heads % shards or counts[1] % shards:
-                        raise ValueError(f"proxy_heads={config.proxy_heads} pools heads that tensor parallelism puts "
-                                         f"on {shards} GPUs: use \"q\", \"kv\" or a multiple of {shards}")
-                    num_proxies(counts[0] // shards, counts[1] // shards, config.proxy_heads // shards)
+                check_proxy_heads(config, *counts, shards=shards)
             except ValueError as err:
                 name = type(module).__name__
                 raise ValueError(f"SparsePrefillConfig.proxy_heads does not fit {name}: {err}") from None

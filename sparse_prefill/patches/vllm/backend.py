@@ -1,0 +1,226 @@
+"""The vLLM attention backend: vLLM's FlashAttention backend, with long prefill run by `sparse_attention`.
+
+vLLM imports this module only when `--attention-backend CUSTOM` selects it (`register` put its path under
+AttentionBackendEnum.CUSTOM). Everything FlashAttention-specific stays FlashAttention's: the KV-cache layout and
+its writes, the metadata builder, CUDA-graph support, and the forward of every request that does not go sparse.
+Three subclasses add the rest:
+
+- the builder reads, once per step, which requests go sparse (`paged.read_step`, from vLLM's host copies of
+  the query offsets and sequence lengths: no GPU synchronisation) and keeps it on the metadata;
+- the impl's forward attends those requests one by one: keys and values gathered from the paged cache through
+  the request's block-table row (`paged.gather_request_kv`), selection and kernel by `sparse_attention`; the
+  other requests go to FlashAttention's own forward on sub-batches of the step's metadata, one call per run of
+  consecutive requests (the queries of a run are contiguous, so nothing is copied);
+- the backend names the two and calls itself "CUSTOM".
+
+What always runs FlashAttention unchanged, for the whole layer: layers with a sliding window, ALiBi, attention
+sinks or a non-decoder attention type; quantized (fp8) KV caches; decode context parallelism; head sizes or
+dtypes the Triton kernels do not take; cascade attention, per-request causal flags and multimodal prefix ranges;
+a step being captured into a CUDA graph; vLLM's profiling run. Each is said once (SparsePrefillWarning).
+
+Tensor parallelism: each rank's layers hold num_heads / tp of the query heads, and vLLM hands this impl only
+those; `per_request.rank_config` gives an int `proxy_heads` its share, "q" and "kv" need nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import vllm
+
+from ...kernels import triton_supports
+from ..per_request import attend_alone, check_proxy_heads, rank_config, warn_dense
+from . import config_from_env, version_problem
+from .paged import StepRequests, gather_request_kv, read_step
+
+_problem = version_problem(getattr(vllm, "__version__", "unknown"))
+if _problem is not None:
+    raise RuntimeError(_problem)  # not an ImportError: vLLM would swallow that into "ImportError"
+
+try:
+    from vllm.config import get_current_vllm_config_or_none
+    from vllm.utils.torch_utils import is_quantized_kv_cache
+    from vllm.v1.attention.backend import AttentionType
+    from vllm.v1.attention.backends.flash_attn import (
+        FlashAttentionBackend,
+        FlashAttentionImpl,
+        FlashAttentionMetadata,
+        FlashAttentionMetadataBuilder,
+    )
+except ImportError as err:  # a supported version that lacks what it should have: say so plainly
+    raise RuntimeError(f"sparse_prefill's vLLM backend cannot import vLLM's FlashAttention backend ({err}); "
+                       f"vLLM {vllm.__version__} is not laid out as the supported versions are.") from err
+
+# When a list, each sparse request appends {"layer", "queries", "keys", "gather_ms", "attend_ms"} (CUDA events,
+# synchronised per request: for measuring only; bench/bench_vllm.py sets it in an engine of its own).
+TIMINGS: list[dict] | None = None
+
+
+@dataclasses.dataclass
+class SparsePrefillMetadata(FlashAttentionMetadata):
+    """FlashAttention's metadata and the step's requests (None: no request goes sparse in this step)."""
+
+    step: StepRequests | None = None
+
+
+class SparsePrefillMetadataBuilder(FlashAttentionMetadataBuilder):
+    """FlashAttention's builder; adds which requests of the step go sparse."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.sparse_config = config_from_env()
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> SparsePrefillMetadata:
+        return self._build(common_prefix_len, common_attn_metadata, fast_build, plan=True)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata) -> SparsePrefillMetadata:
+        return self._build(0, common_attn_metadata, False, plan=False)  # a captured graph replays FlashAttention
+
+    def _build(self, common_prefix_len, common, fast_build, plan: bool) -> SparsePrefillMetadata:
+        metadata = super().build(common_prefix_len, common, fast_build)
+        fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(FlashAttentionMetadata)}
+        step = None
+        if plan:
+            seq_lens = common.seq_lens_cpu_upper_bound  # exact for prefill rows, which are the ones that matter
+            if seq_lens is None:
+                seq_lens = common._seq_lens_cpu  # vLLM's own host copy, when it kept one
+            step = read_step(common.query_start_loc_cpu, seq_lens, common.num_reqs, common.max_query_len,
+                             common.max_seq_len, self.sparse_config)
+        return SparsePrefillMetadata(**fields, step=step)
+
+    def use_cascade_attention(self, common_prefix_len, query_lens, *args, **kwargs) -> bool:
+        """No cascade attention in a step with a block of prefill queries: it would send the whole step, long
+        prefill included, to FlashAttention's cascade kernel. Otherwise FlashAttention's own decision."""
+        if len(query_lens) and int(query_lens.max()) >= self.sparse_config.block_size:
+            return False
+        return super().use_cascade_attention(common_prefix_len, query_lens, *args, **kwargs)
+
+
+class SparsePrefillImpl(FlashAttentionImpl):
+    """FlashAttention's impl; its forward runs the step's long prefill requests through `sparse_attention`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = config_from_env()
+        shards, total_kv = _tensor_parallel(self.num_kv_heads)
+        check_proxy_heads(config, self.num_heads * shards, total_kv, shards)
+        self.sparse_config = rank_config(config, self.num_heads, self.num_heads * shards)
+        self.dense_reason = self._layer_reason()
+        if self.dense_reason is not None:
+            warn_dense(self.dense_reason)
+
+    def _layer_reason(self) -> str | None:
+        """Why this layer always runs FlashAttention, or None."""
+        if self.attn_type != AttentionType.DECODER:
+            kind = getattr(self.attn_type, "value", self.attn_type)
+            return f"{kind} attention (the sparse path is causal self-attention)"
+        if tuple(self.sliding_window) != (-1, -1):
+            return "sliding-window layers (they keep their exact windowed attention)"
+        if self.alibi_slopes is not None:
+            return "ALiBi layers"
+        if self.sinks is not None:
+            return "attention sinks (not supported by the sparse path)"
+        if is_quantized_kv_cache(self.kv_cache_dtype):
+            return f"a {self.kv_cache_dtype} KV cache (the sparse path reads fp16/bf16 caches)"
+        if self.dcp_world_size > 1:
+            return "decode context parallelism (each rank holds part of every request's keys)"
+        return None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        step = getattr(attn_metadata, "step", None)
+        if (step is None or self.dense_reason is not None or output_scale is not None
+                or output_block_scale is not None or not self._step_fits(query, attn_metadata)):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        requests = step.requests
+        for i in [i for i, on in enumerate(step.sparse) if on]:
+            (qs, qe), (_, seq_len) = requests.q_bounds[i], requests.k_bounds[i]
+            marks = _marks()
+            k, v = gather_request_kv(kv_cache, attn_metadata.block_table[i], seq_len)
+            if marks:
+                marks[1].record()
+            q = query[qs:qe].transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D], a view
+            out = attend_alone(q, k, v, self.sparse_config, scale=self.scale, softcap=self.logits_soft_cap or None,
+                               last_chunk=requests.last_chunk[i])
+            if out is None:  # it failed (out of memory, say): FlashAttention runs it below
+                step = step.without(i)
+                continue
+            output[qs:qe].copy_(out[0].transpose(0, 1))
+            _record(marks, layer, qe - qs, seq_len)
+        for first, end in step.dense_runs():
+            self._flash_attention_on(layer, query, key, value, kv_cache, attn_metadata, output, step, first, end)
+        return output
+
+    def _step_fits(self, query, metadata) -> bool:
+        """Whether this call can split its step (else FlashAttention runs all of it), saying why once if not."""
+        if metadata.use_cascade or metadata.causal is not True or metadata.mm_prefix_range_tensor is not None:
+            return False
+        if query.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        reason = triton_supports(query, self.sparse_config.block_size) if self.sparse_config.backend == "auto" else None
+        if reason is not None:
+            warn_dense(reason)
+            return False
+        return True
+
+    def _flash_attention_on(self, layer, query, key, value, kv_cache, metadata, output, step: StepRequests,
+                            first: int, end: int) -> None:
+        """FlashAttention's forward on requests [first, end) alone: their metadata rows and their query rows."""
+        bounds = step.requests.q_bounds[first:end]
+        start, stop = bounds[0][0], bounds[-1][1]
+        sub = dataclasses.replace(
+            metadata, num_actual_tokens=stop - start, max_query_len=max(qe - qs for qs, qe in bounds),
+            query_start_loc=metadata.query_start_loc[first:end + 1] - start, seq_lens=metadata.seq_lens[first:end],
+            block_table=metadata.block_table[first:end], scheduler_metadata=None, step=None)
+        rows = slice(start, stop)
+        FlashAttentionImpl.forward(self, layer, query[rows], None if key is None else key[rows],
+                                   None if value is None else value[rows], kv_cache, sub, output[rows])
+
+
+class SparsePrefillBackend(FlashAttentionBackend):
+    """vLLM's FlashAttention backend whose long prefill requests run block-sparse (`--attention-backend CUSTOM`)."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[SparsePrefillImpl]:
+        return SparsePrefillImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[SparsePrefillMetadataBuilder]:
+        return SparsePrefillMetadataBuilder
+
+
+def _tensor_parallel(local_kv_heads: int) -> tuple[int, int]:
+    """(tensor-parallel size, the layer's KV heads in all) as vLLM configured them."""
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None:
+        return 1, local_kv_heads
+    shards = vllm_config.parallel_config.tensor_parallel_size
+    total_kv = local_kv_heads * shards
+    model = vllm_config.model_config
+    if model is not None:  # vLLM replicates KV heads when there are fewer than ranks
+        total_kv = min(total_kv, model.get_total_num_kv_heads())
+    return shards, total_kv
+
+
+def _marks() -> list | None:
+    """CUDA events around one request's gather and attention while TIMINGS collects them, else None."""
+    if TIMINGS is None:
+        return None
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    marks[0].record()
+    return marks
+
+
+def _record(marks: list | None, layer, queries: int, keys: int) -> None:
+    if marks is None or TIMINGS is None:
+        return
+    marks[2].record()
+    marks[2].synchronize()
+    TIMINGS.append({"layer": getattr(layer, "layer_name", None), "queries": queries, "keys": keys,
+                    "gather_ms": marks[0].elapsed_time(marks[1]), "attend_ms": marks[1].elapsed_time(marks[2])})

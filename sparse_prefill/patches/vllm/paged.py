@@ -1,0 +1,98 @@
+"""vLLM's batch in the library's terms, without importing vLLM: which requests a step holds, which go sparse, where
+FlashAttention takes the rest, and one request's keys and values read from the paged cache.
+
+vLLM (V1) runs one forward per scheduler step over a packed batch: request i owns query tokens
+[query_start_loc[i], query_start_loc[i + 1]) and its first seq_lens[i] positions are in the paged KV cache (this
+step's tokens included: the cache is written before the attention runs), in the pages block_table[i] lists. A
+prefill chunk's queries are the last of those positions; a prefix-cache hit starts a prompt with positions the
+cache already held.
+
+Why gather first, not a paged-aware kernel. The selection and the block-sparse kernel read keys and values as
+strided [1, Hkv, L, D] tensors; reading them through a block table instead would put an indirection into every
+load of the fused selection kernels and the attention kernel (and TMA tensor descriptors cannot follow a block
+table: one of our 128-token key blocks spans several of vLLM's 16-token pages). The gather is one copy of the
+request's keys and values per layer, O(L) bytes, against attention's O(L^2 * density) work, and its buffers live
+only for the call. What it costs against the sparse attention it feeds is measured, not assumed:
+`bench/bench_vllm.py` times it separately (the "gather" columns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...config import SparsePrefillConfig
+from ..per_request import PackedRequests, too_short_for_sparse
+
+
+@dataclass(frozen=True)
+class StepRequests:
+    """The requests of one vLLM step and which of them go sparse (built once per step, read by every layer)."""
+
+    requests: PackedRequests
+    sparse: tuple[bool, ...]
+
+    def dense_runs(self) -> list[tuple[int, int]]:
+        """Maximal runs [first, end) of consecutive requests that do not go sparse and have queries: what
+        FlashAttention runs, one call per run, on a sub-batch of the step's metadata."""
+        runs: list[tuple[int, int]] = []
+        start = None
+        for i, on in enumerate((*self.sparse, True)):
+            if not on and start is None:
+                start = i
+            elif on and start is not None:
+                if self.requests.q_bounds[i - 1][1] > self.requests.q_bounds[start][0]:
+                    runs.append((start, i))
+                start = None
+        return runs
+
+    def without(self, i: int) -> StepRequests:
+        """The same step with request i sent to FlashAttention (the sparse path failed on it)."""
+        return StepRequests(self.requests, tuple(on and j != i for j, on in enumerate(self.sparse)))
+
+
+def read_step(query_start_loc: torch.Tensor, seq_lens: torch.Tensor | None, num_reqs: int, max_query_len: int,
+              max_seq_len: int, config: SparsePrefillConfig) -> StepRequests | None:
+    """The step's requests when at least one goes sparse, else None (FlashAttention runs the step unchanged).
+
+    query_start_loc [num_reqs + 1] and seq_lens [num_reqs] are host tensors (vLLM keeps CPU copies; for prefill
+    rows its seq_lens are exact, for decode rows an upper bound, which only ever decides "short"). None for
+    seq_lens: the host copy is not available, so nothing goes sparse rather than wait for the GPU.
+    `max_query_len`/`max_seq_len` (upper bounds) rule out steps with no long request before any tensor is read.
+
+    Every chunk counts as its prompt's last (`last_chunk=True`): vLLM's attention metadata does not say whether
+    a prefill chunk ends its prompt (the prompt length is not in it), and treating a middle chunk as the last only
+    costs its exact tail and question columns, while treating the last chunk as a middle one would drop them from
+    the rows that hold the question.
+    """
+    if seq_lens is None or too_short_for_sparse(max_query_len, max_seq_len, config):
+        return None
+    edges = query_start_loc[:num_reqs + 1].tolist()
+    lengths = seq_lens[:num_reqs].tolist()
+    q_bounds = tuple(zip(edges[:-1], edges[1:], strict=True))
+    if any(qe - qs > length for (qs, qe), length in zip(q_bounds, lengths, strict=True)):
+        return None  # more queries than keys: not a causal prefill this reading understands
+    requests = PackedRequests(q_bounds, tuple((0, length) for length in lengths), (True,) * num_reqs)
+    sparse = requests.sparse(config)
+    return StepRequests(requests, sparse) if any(sparse) else None
+
+
+def gather_request_kv(kv_cache: torch.Tensor, block_row: torch.Tensor,
+                      seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's keys and values, each [1, Hkv, seq_len, D], read from vLLM's paged cache.
+
+    kv_cache: [num_blocks, 2, block_size, Hkv, D], vLLM's FlashAttention layout (keys at index 0 of dim 1,
+    values at 1), with any strides (the "HND" layout is the same shape with permuted strides). block_row: the
+    request's row of the block table (its pages in order; entries past its length are ignored). The result is
+    strided like the [1, Hkv, L, D] views transformers passes (tokens then heads in memory), which the selection
+    and the kernel read without a copy.
+    """
+    page = kv_cache.shape[2]
+    pages = block_row[:-(-seq_len // page)].to(device=kv_cache.device, dtype=torch.long)
+
+    def read(which: int) -> torch.Tensor:
+        rows = kv_cache[:, which].index_select(0, pages)  # [n, page, Hkv, D]: one copy
+        return rows.reshape(-1, *rows.shape[2:])[:seq_len].transpose(0, 1).unsqueeze(0)
+
+    return read(0), read(1)
