@@ -70,7 +70,7 @@ def attend_packed(dense: Callable, module, query, key, value, attention_mask, dr
     if kwargs.get("cache") is not None:
         version = ".".join(map(str, MIN_TRANSFORMERS))
         warn_dense(f"continuous batching on this transformers version, which updates its paged cache inside the "
-              f"attention function (sparse prefill there needs transformers >= {version})")
+                   f"attention function (sparse prefill there needs transformers >= {version})")
         return None
     if kwargs.get("block_table") is not None or query.shape[0] != 1:
         return None  # the decode fast path, or not a packed row
@@ -78,8 +78,8 @@ def attend_packed(dense: Callable, module, query, key, value, attention_mask, dr
     if isinstance(max_q, int) and isinstance(max_k, int) and too_short_for_sparse(max_q, max_k, config):
         return None  # no request is long: nothing to read, the engine's call as it is
     if query.is_cuda and torch.cuda.is_current_stream_capturing():
-        warn_dense("a prefill captured in a CUDA graph (selection reads the request lengths on the host); turn graphs "
-              "off for the prefill path, e.g. ContinuousBatchingConfig(use_cuda_graph=(False, True))")
+        warn_dense("a prefill captured in a CUDA graph (selection reads the request lengths on the host); turn "
+                   "graphs off for the prefill path, e.g. ContinuousBatchingConfig(use_cuda_graph=(False, True))")
         return None
     requests, reason = read_packed(kwargs, query.shape[2], key.shape[2])
     if reason is not None:
