@@ -37,11 +37,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..attention import sparse_attention
 from ..config import SparsePrefillConfig, as_config
 from ..kernels import triton_supports
-from ..notices import forget_warnings, warn_once
+from ..notices import forget_warnings
 from .masks import MaskReading, read_mask
 from .packed import attend_packed
 from .padded_rows import attend_rows_alone
-from .per_request import check_proxy_heads, rank_config, too_short_for_sparse
+from .per_request import check_proxy_heads, rank_config, too_short_for_sparse, warn_dense
 
 try:  # where transformers >= 5 collects `output_attentions` through hooks
     from transformers.utils.output_capturing import _active_collector as _ACTIVE_COLLECTOR
@@ -63,10 +63,6 @@ _CONFIGS: weakref.WeakKeyDictionary[torch.nn.Module, SparsePrefillConfig] = weak
 _PREVIOUS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 # Per wrapped registry name: the function it held before (restored when no patched model is left).
 _ORIGINALS: dict[str, Callable] = {}
-
-
-def _warn_once(reason: str) -> None:
-    warn_once(f"sparse_prefill: dense attention used for {reason}.", stacklevel=3)
 
 
 def _previous_attention(previous: str, module: torch.nn.Module) -> Callable:
@@ -166,7 +162,7 @@ def _sparse_prefill(previous, module, query, key, value, attention_mask, dropout
         if reason is None and query.is_cuda and config.backend == "auto":
             reason = triton_supports(query, config.block_size)
         if reason is not None:
-            _warn_once(reason)
+            warn_dense(reason)
             return None
         dense = _previous_attention(previous, module)
         return attend_packed(dense, module, query, key, value, attention_mask, dropout, scaling, kwargs, config)
@@ -192,7 +188,7 @@ def _plan_sparse(previous, module, query, key, value, attention_mask, dropout, k
         reason, loud = "decode or a short prompt", False  # a static cache's prompt shorter than the threshold
     if reason is not None:
         if loud:
-            _warn_once(reason)
+            warn_dense(reason)
         return None
     return reading
 
