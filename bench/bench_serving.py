@@ -48,19 +48,15 @@ sys.path.insert(0, str(ROOT))
 from sparse_prefill import SparsePrefillConfig, patch_model, unpatch_model  # noqa: E402
 from sparse_prefill.eval.archs import resolve_model  # noqa: E402
 from sparse_prefill.eval.models import with_yarn  # noqa: E402
+from sparse_prefill.eval.options import parse_lengths  # noqa: E402
 from sparse_prefill.eval.recording import LayoutRecorder, intercept_layouts, num_layers  # noqa: E402
-from sparse_prefill.eval.runner import format_table, greedy_answer, synchronize, timed_prefill  # noqa: E402
+from sparse_prefill.eval.runner import format_table, greedy_answer, set_mode, synchronize, timed_prefill  # noqa: E402
 from sparse_prefill.eval.scoring import paired_difference, score  # noqa: E402
 from sparse_prefill.eval.speed import time_call  # noqa: E402
 from sparse_prefill.eval.tasks import make_example  # noqa: E402
 from sparse_prefill.patches.padded_rows import too_short_for_sparse  # noqa: E402
 
 PAGE = 256  # paged-cache page size (tokens)
-
-
-def parse_tokens(text: str) -> list[int]:
-    """'64k,128k,1000' -> [65536, 131072, 1000]."""
-    return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",") if t]
 
 
 def prompt(tok, length: int, seed: int = 0, task: str = "niah_single", depth: float = 0.5):
@@ -99,10 +95,6 @@ def run_batch(model, inputs: list[list[int]], new_tokens: int, chunk: int, devic
         rows.append({"prompt": len(inputs[i]), "ttft_s": stamps[0] - result.created_time if stamps else None,
                      "decode_tps": decode, "tokens": list(result.generated_tokens)})
     return rows, wall
-
-
-def set_mode(model, mode: str, config: SparsePrefillConfig):
-    return patch_model(model, config) if mode == "sparse" else unpatch_model(model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,17 +366,17 @@ def main(argv=None) -> int:
     p.add_argument("--yarn", type=float, default=None, help="YaRN rope scaling factor (4 for 64K-128K on Qwen2.5)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--stages", default="ttft,mixed,overhead,serve,chunked")
-    p.add_argument("--lengths", type=parse_tokens, default=parse_tokens("64k,128k"), help="ttft stage lengths")
-    p.add_argument("--chunked-lengths", type=parse_tokens, default=parse_tokens("32k,64k,128k"))
+    p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("64k,128k"), help="ttft stage lengths")
+    p.add_argument("--chunked-lengths", type=parse_lengths, default=parse_lengths("32k,64k,128k"))
     p.add_argument("--chunk", type=int, default=8192, help="generate_batch / serve prefill chunk (max batch tokens)")
     p.add_argument("--long", type=int, default=2)
-    p.add_argument("--long-lengths", type=parse_tokens, default=parse_tokens("64k,120k"),
+    p.add_argument("--long-lengths", type=parse_lengths, default=parse_lengths("64k,120k"),
                    help="prompt lengths of the long requests (a served request must fit the model's context)")
     p.add_argument("--short", type=int, default=8)
     p.add_argument("--short-length", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--chunk-sizes", type=parse_tokens, default=parse_tokens("2k,8k,32k"))
+    p.add_argument("--chunk-sizes", type=parse_lengths, default=parse_lengths("2k,8k,32k"))
     p.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--config", default="", help="SparsePrefillConfig fields, e.g. gamma=0.9 (default: the defaults)")

@@ -40,13 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sparse_prefill.eval.options import parse_lengths  # noqa: E402  (no torch: --help stays light)
+
 BACKENDS = ("FLASH_ATTN", "CUSTOM")  # dense first: its answers are the reference
 STAGES = ("ttft", "gather", "answers", "mixed")
-
-
-def parse_tokens(text: str) -> list[int]:
-    """'64k,128k,1000' -> [65536, 131072, 1000]."""
-    return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",") if t]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,11 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(`sparse-prefill fetch-model NAME --safetensors`)")
     p.add_argument("--yarn", type=float, default=4.0, help="YaRN factor through hf_overrides (0: none)")
     p.add_argument("--stages", default=",".join(STAGES))
-    p.add_argument("--lengths", type=parse_tokens, default=parse_tokens("32k,64k,128k"))
+    p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("32k,64k,128k"))
     p.add_argument("--repeats", type=int, default=2, help="ttft: best of this many")
     p.add_argument("--tasks", default="niah_single,niah_multikey")
     p.add_argument("--seeds", type=int, default=2, help="answers: prompts per task and length")
-    p.add_argument("--mixed-long", type=parse_tokens, default=parse_tokens("64k,120k"))
+    p.add_argument("--mixed-long", type=parse_lengths, default=parse_lengths("64k,120k"))
     p.add_argument("--short", type=int, default=8)
     p.add_argument("--short-length", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=64, help="mixed: tokens generated per request")
