@@ -339,6 +339,11 @@ def stage_chunked(model, tok, args, config, device) -> list[dict]:
                             text = tok.decode(out[0]["tokens"], skip_special_tokens=True)
                     rows.append({**base, "mode": name, "score": score(text, example.answers), "answer": text,
                                  "density": recorder.mean_density()})
+                # A long run stopped part-way still leaves every prompt it finished.
+                (Path(args.out) / "chunked_rows.json").write_text(json.dumps(rows, indent=1, default=str))
+                print(f"{length} {task} seed {seed}: " + " ".join(
+                    f"{r['mode']}={r['score']:.2f}" for r in rows if r["length"] == length and r["task"] == task
+                    and r["seed"] == seed), flush=True)
     unpatch_model(model)
     table = []
     for length in args.chunked_lengths:
