@@ -26,7 +26,6 @@ script, not a measurement): `--models sparse-prefill-tiny --engine stub --length
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -92,6 +91,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Engines: vLLM's LLM, or a stand-in with the same three methods
 # ------------------------------------------------------------------------------------------------
 
+def yarn_overrides(folder: str, factor: float) -> dict:
+    """YaRN as the config fields it changes, for vLLM's `hf_overrides` (a dict: vLLM also calls a callable on
+    configs that are not the model's own, which have no trained context to scale)."""
+    from transformers import AutoConfig
+
+    from sparse_prefill.eval.models import with_yarn
+
+    config = with_yarn(AutoConfig.from_pretrained(folder), factor)
+    rope = {k: getattr(config, k) for k in ("rope_parameters", "rope_scaling") if getattr(config, k, None)}
+    return {**rope, "max_position_embeddings": config.max_position_embeddings}
+
+
 class VllmEngine:
     """One vLLM `LLM` with one attention backend, its engine core in this process (so the backend's timings are
     readable here)."""
@@ -99,12 +110,11 @@ class VllmEngine:
     def __init__(self, args, folder: str, backend: str, max_model_len: int):
         from vllm import LLM
 
-        from sparse_prefill.eval.models import with_yarn
         from sparse_prefill.patches.vllm import register
 
         register()  # what vLLM's plugin loader does when the package is installed; a checkout on PYTHONPATH is not
 
-        extra = {"hf_overrides": functools.partial(with_yarn, factor=args.yarn)} if args.yarn else {}
+        extra = {"hf_overrides": yarn_overrides(folder, args.yarn)} if args.yarn else {}
         if args.max_num_batched_tokens:
             extra["max_num_batched_tokens"] = args.max_num_batched_tokens
         self.llm = LLM(folder, attention_backend=backend, dtype="bfloat16", max_model_len=max_model_len,
