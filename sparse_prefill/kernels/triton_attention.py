@@ -183,7 +183,13 @@ def _attend_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
+# Arguments that follow the prompt's length or the layout's width: not specialised on, so that one compiled kernel
+# serves every length and chunk offset (a server would otherwise compile a variant per value class).
+_SHAPE_ARGS = ("stride_cb", "stride_ch", "stride_cq", "stride_ib", "stride_ih", "stride_iq", "q_len", "k_len",
+               "n_q_tiles", "index_width")
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _block_sparse_attention_kernel(
     Q, K, V, Out, Lse, KeyRange, Counts, Indices, k_desc, v_desc,
     stride_qb, stride_qh, stride_qm, stride_qd,

@@ -47,6 +47,10 @@ TILE_M = 64  # pooled query rows per program tile
 TILE_N = 64  # pooled keys per loop step
 NUM_WARPS = 4
 POOL_GROUPS = 32  # pooled groups per program of the pooling kernel
+# Arguments that follow the prompt's length. Triton would otherwise compile a variant per value class (divisible
+# by 16 or not, equal to 1), so a server meeting new lengths and chunk offsets would keep compiling.
+_SHAPE_ARGS = ("n_rows", "n_cols", "q_len", "k_len", "row0", "n_splits", "tiles_per_split", "n_q_blocks",
+               "n_k_blocks")
 
 
 @triton.jit
@@ -101,21 +105,20 @@ def _program_setup(q_ptr, sq_b, sq_h, sq_l, sq_d, key_range_ptr, pid_rows, pid_b
 
 
 @triton.jit
-def _key_tile_range(row_pos, pid_split, n_cols, TILES_PER_SPLIT: tl.constexpr, COL_STRIDE: tl.constexpr,
-                    TILE_N: tl.constexpr):
+def _key_tile_range(row_pos, pid_split, n_cols, tiles_per_split, COL_STRIDE: tl.constexpr, TILE_N: tl.constexpr):
     """[first, last) key tiles of this split that the program's rows can see (causal)."""
     last_visible_col = tl.max(row_pos) // COL_STRIDE
     causal_tiles = tl.minimum(last_visible_col // TILE_N + 1, tl.cdiv(n_cols, TILE_N))
-    first = pid_split * TILES_PER_SPLIT
-    return first, tl.minimum(first + TILES_PER_SPLIT, causal_tiles)
+    first = pid_split * tiles_per_split
+    return first, tl.minimum(first + tiles_per_split, causal_tiles)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _row_stats_kernel(
     q_ptr, k_ptr, key_range_ptr, m_ptr, l_ptr,
     sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d,
-    n_heads, kv_heads, n_rows, n_cols, q_len, k_len, row0, n_splits, scale_log2, softcap_log2,
-    ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
+    n_heads, kv_heads, n_rows, n_cols, q_len, k_len, row0, n_splits, tiles_per_split, scale_log2, softcap_log2,
+    ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr,
     HAS_KEY_RANGE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr,
 ):
@@ -128,7 +131,7 @@ def _row_stats_kernel(
         scale_log2, offs_m, offs_d, ROW_STRIDE, HAS_KEY_RANGE, HEAD_DIM)
     m_i = tl.full((TILE_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((TILE_M,), dtype=tl.float32)
-    tile_lo, tile_hi = _key_tile_range(row_pos, pid_split, n_cols, TILES_PER_SPLIT, COL_STRIDE, TILE_N)
+    tile_lo, tile_hi = _key_tile_range(row_pos, pid_split, n_cols, tiles_per_split, COL_STRIDE, TILE_N)
     for tile in range(tile_lo, tile_hi):
         s = _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, sk_d, b, k_head, tile * TILE_N, n_cols, k_len, row_pos,
                          key_start, key_end, offs_n, offs_d, softcap_log2, COL_STRIDE, HEAD_DIM, HAS_SOFTCAP)
@@ -157,13 +160,13 @@ def _merged_lse(m_ptr, l_ptr, pid_bh, n_splits, n_rows, rows, real):
     return tl.where(total > 0, m_safe + tl.log2(tl.maximum(total, 1e-30)), float("inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _pooled_probs_kernel(
     q_ptr, k_ptr, key_range_ptr, m_ptr, l_ptr, score_ptr, mass_ptr,
     sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d,
-    n_heads, kv_heads, n_rows, n_cols, q_len, k_len, row0, n_splits, n_q_blocks, n_k_blocks, scale_log2,
-    softcap_log2,
-    ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr, TILES_PER_SPLIT: tl.constexpr,
+    n_heads, kv_heads, n_rows, n_cols, q_len, k_len, row0, n_splits, tiles_per_split, n_q_blocks, n_k_blocks,
+    scale_log2, softcap_log2,
+    ROW_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr,
     HAS_KEY_RANGE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     TILE_M: tl.constexpr, TILE_N: tl.constexpr, ROWS_PER_BLOCK: tl.constexpr, COLS_PER_BLOCK: tl.constexpr,
 ):
@@ -182,7 +185,7 @@ def _pooled_probs_kernel(
     real_rows = tl.sum(tl.reshape(real.to(tl.float32), (Q_BLOCKS, ROWS_PER_BLOCK)), 1)
     row_weight = 1.0 / tl.maximum(real_rows, 1.0)
     out_base = pid_bh * n_q_blocks * n_k_blocks + q_block[:, None] * n_k_blocks
-    tile_lo, tile_hi = _key_tile_range(row_pos, pid_split, n_cols, TILES_PER_SPLIT, COL_STRIDE, TILE_N)
+    tile_lo, tile_hi = _key_tile_range(row_pos, pid_split, n_cols, tiles_per_split, COL_STRIDE, TILE_N)
     for tile in range(tile_lo, tile_hi):
         s = _tile_logits(q_tile, k_ptr, sk_b, sk_h, sk_l, sk_d, b, k_head, tile * TILE_N, n_cols, k_len, row_pos,
                          key_start, key_end, offs_n, offs_d, softcap_log2, COL_STRIDE, HEAD_DIM, HAS_SOFTCAP)
@@ -249,7 +252,7 @@ def pooled_softmax_blocks(
 
     kr = key_range.to(device=rows.device, dtype=torch.int32).contiguous() if key_range is not None else rows
     args = (*rows.stride(), *keys.stride(), heads, keys.shape[1], n_rows, n_cols, q_len, k_len, row0 or 0)
-    meta = dict(ROW_STRIDE=1 if single_block else stride, COL_STRIDE=stride, TILES_PER_SPLIT=tiles_per_split,
+    meta = dict(ROW_STRIDE=1 if single_block else stride, COL_STRIDE=stride,
                 HAS_KEY_RANGE=key_range is not None, HAS_SOFTCAP=softcap is not None, HEAD_DIM=d,
                 BLOCK_D=_padded(d), TILE_M=tile_m, TILE_N=tile_n, num_warps=NUM_WARPS)
     scale_log2 = scale * _LOG2E
@@ -257,15 +260,16 @@ def pooled_softmax_blocks(
     grid = (row_tiles, b * heads, splits)
     m = torch.empty(b * heads, splits, n_rows, device=rows.device, dtype=torch.float32)
     sum_exp = torch.empty_like(m)
-    _row_stats_kernel[grid](rows, keys, kr, m, sum_exp, *args, splits, scale_log2, softcap_log2, **meta)
+    _row_stats_kernel[grid](rows, keys, kr, m, sum_exp, *args, splits, tiles_per_split, scale_log2, softcap_log2,
+                            **meta)
     score, mass = torch.zeros(2, b, heads, n_q_blocks, n_k_blocks, device=rows.device, dtype=torch.float32)
-    _pooled_probs_kernel[grid](rows, keys, kr, m, sum_exp, score, mass, *args, splits, n_q_blocks, n_k_blocks,
-                               scale_log2, softcap_log2, ROWS_PER_BLOCK=rows_per_block,
+    _pooled_probs_kernel[grid](rows, keys, kr, m, sum_exp, score, mass, *args, splits, tiles_per_split, n_q_blocks,
+                               n_k_blocks, scale_log2, softcap_log2, ROWS_PER_BLOCK=rows_per_block,
                                COLS_PER_BLOCK=cols_per_block, **meta)
     return score, mass
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("length", "n_groups"))
 def _pool_tokens_kernel(
     x_ptr, out_ptr, key_range_ptr, sx_b, sx_h, sx_l, sx_d, so_b, so_h, so_g, out_heads, length, n_groups,
     STRIDE: tl.constexpr, HEADS_PER_OUT: tl.constexpr, HAS_KEY_RANGE: tl.constexpr, HEAD_DIM: tl.constexpr,

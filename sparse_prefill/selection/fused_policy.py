@@ -95,7 +95,7 @@ def _top(mass, eligible, n):
     return above | (at & (rank_at <= n - tl.sum(above.to(tl.int32))))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n_q_blocks", "n_k_blocks"))  # one compiled variant per NKB, whatever the length
 def _calibrate_heads_kernel(
     mass_ptr, last_mass_ptr, geometry_ptr, shortfall_ptr, exact_need_ptr, columns_ptr,
     n_heads, heads_per_proxy, n_proxies, n_q_blocks, n_k_blocks, gamma, sink, question_blocks, NKB: tl.constexpr,
@@ -119,7 +119,7 @@ def _calibrate_heads_kernel(
     tl.store(columns_ptr + pid_bh * n_k_blocks + cols, columns.to(tl.int8), mask=in_row)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n_q_blocks", "n_k_blocks", "min_blocks", "tail_start"))
 def _choose_rows_kernel(
     mass_ptr, last_mass_ptr, geometry_ptr, shortfall_ptr, exact_need_ptr, columns_ptr, counts_ptr, indices_ptr,
     n_heads, heads_per_proxy, n_proxies, n_q_blocks, n_k_blocks, gamma, sink, min_blocks, tail_start,
