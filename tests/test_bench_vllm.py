@@ -69,3 +69,15 @@ def test_stages_past_the_time_limit_are_recorded_as_skipped(tmp_path):
     assert proc.returncode == 1
     errors = results["models"]["sparse-prefill-tiny"]["FLASH_ATTN"]["errors"]
     assert errors["ttft"].startswith("skipped: out of time")
+
+
+def test_yarn_reaches_vllm_as_config_fields(bench, tmp_path):
+    """vLLM applies a callable hf_overrides to configs that have no trained context too (it failed there on an
+    H200 GPU); the bench hands it the fields YaRN changes instead, computed from the model's own config."""
+    from model_zoo import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "m", "qwen2", max_position_embeddings=1024)
+    overrides = bench.yarn_overrides(folder, 4.0)
+    assert overrides["max_position_embeddings"] == 4096
+    rope = overrides.get("rope_parameters") or overrides["rope_scaling"]
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0 and rope["original_max_position_embeddings"] == 1024
