@@ -100,7 +100,7 @@ def attend_packed(dense: Callable, module, query, key, value, attention_mask, dr
             if attended is not None:  # None: it failed (out of memory, say) and runs dense instead
                 out[:, qs:qe] = attended.transpose(1, 2)
                 continue
-        own = _one_request_kwargs(kwargs, (qs, qe), (ks, ke), query.shape[2], q.device)
+        own = _one_request_kwargs(kwargs, i, (qs, qe), (ks, ke), query.shape[2])
         mask = attention_mask
         if isinstance(mask, torch.Tensor) and tuple(mask.shape[-2:]) == (query.shape[2], key.shape[2]):
             mask = _aligned_rows(mask[..., qs:qe, ks:ke])
@@ -121,12 +121,15 @@ def _aligned_rows(mask: torch.Tensor) -> torch.Tensor:
     return buffer[..., :mask.shape[-1]]
 
 
-def _one_request_kwargs(kwargs: dict, q_bounds, k_bounds, q_len: int, device) -> dict:
-    """The engine's arguments for one request alone: its own lengths and positions."""
+def _one_request_kwargs(kwargs: dict, i: int, q_bounds, k_bounds, q_len: int) -> dict:
+    """The engine's arguments for request `i` alone: its own lengths and positions. The lengths are cut from the
+    call's own device tensors: a tensor built from host values would be a copy to the GPU that waits for every
+    kernel queued before it, once per request and layer, leaving the GPU idle while the next launch is prepared."""
     (qs, qe), (ks, ke) = q_bounds, k_bounds
     own = dict(kwargs)
-    own["cu_seq_lens_q"] = torch.tensor([0, qe - qs], dtype=torch.int32, device=device)
-    own["cu_seq_lens_k"] = torch.tensor([0, ke - ks], dtype=torch.int32, device=device)
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        edges = kwargs[name]
+        own[name] = edges[i:i + 2] - edges[i]
     own["max_length_q"], own["max_length_k"] = qe - qs, ke - ks
     positions = kwargs.get("position_ids")
     if isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[-1] == q_len:
