@@ -264,6 +264,22 @@ def test_the_per_request_loop_builds_no_tensor_from_host_values(monkeypatch):
     assert handed == [([0, 40], [0, 40]), ([0, 1], [0, 77])] and not built_here
 
 
+def test_long_requests_are_launched_before_the_short_ones(sparse_calls):
+    """The host prepares each short request's engine call while the long requests' kernels run, not before them
+    with an idle GPU: a pack whose short requests come first still launches its long request first."""
+    q, k, v, _, kwargs = packed_call((40, 1, 300), (40, 77, 300))
+    kwargs.update(is_causal=True)
+    order = []
+
+    def flash(module, q, k, v, mask, **kw):
+        order.append(("engine", q.shape[2], len(sparse_calls)))
+        return torch.zeros(1, q.shape[2], q.shape[1], q.shape[3]), None
+
+    out = packed.attend_packed(flash, attention_module(TIGHT)[1], q, k, v, None, 0.0, 0.25, kwargs, TIGHT)
+    assert sparse_calls == [(300, 300, True)] and order == [("engine", 40, 1), ("engine", 1, 1)]
+    assert out[:, 41:].abs().sum() > 0 and out[:, :41].abs().sum() == 0  # each output lands in its own rows
+
+
 def test_the_engine_gets_each_request_as_fresh_aligned_tensors():
     """cuDNN's attention failed with a misaligned address on an H200 when handed views that start mid-buffer (a
     request's mask rows at an odd column, its queries mid-pack): the engine must get tensors laid out as a batch

@@ -90,7 +90,10 @@ def attend_packed(dense: Callable, module, query, key, value, attention_mask, dr
         return None
 
     out = query.new_zeros(1, query.shape[2], query.shape[1], query.shape[3])
-    for i, ((qs, qe), (ks, ke)) in enumerate(zip(requests.q_bounds, requests.k_bounds, strict=True)):
+    # Long requests first: their kernels fill the GPU's queue while the host prepares the short requests' calls.
+    order = sorted(range(len(long)), key=lambda i: not long[i])
+    for i in order:
+        (qs, qe), (ks, ke) = requests.q_bounds[i], requests.k_bounds[i]
         if qe == qs:
             continue
         q, k, v = query[:, :, qs:qe], key[:, :, ks:ke], value[:, :, ks:ke]
