@@ -371,7 +371,9 @@ STAGES = {"ttft": stage_ttft, "mixed": stage_mixed, "overhead": stage_overhead, 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a model folder, .gguf or pinned name (sparse-prefill-tiny: a check)")
+    p.add_argument("--model", default=None, help="a model folder, .gguf or pinned name (sparse-prefill-tiny: a check)")
+    p.add_argument("--arch", default=None, help="random weights of this architecture (eval/configs), e.g. for the "
+                   "kernel compiles of the mixed stage, which need no trained weights")
     p.add_argument("--yarn", type=float, default=None, help="YaRN rope scaling factor (4 for 64K-128K on Qwen2.5)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--stages", default="ttft,mixed,overhead,serve,chunked")
@@ -400,7 +402,7 @@ def main(argv=None) -> int:
     options = dict(item.split("=", 1) for item in args.config.split(",") if item)
     config = config_from_options(options)
     device = torch.device(args.device)
-    model, tok, _ = resolve_model(args.model, device=device, yarn=args.yarn)
+    model, tok, _ = resolve_model(args.model, arch=args.arch, device=device, yarn=args.yarn)
     model.set_attn_implementation("sdpa")
     print(f"model {args.model} ({type(model).__name__}, {num_layers(model)} layers) on {device}"
           f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}; config {config}", flush=True)
