@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .kernels import block_sparse_attention
     from .layout import BlockLayout
     from .notices import SparsePrefillWarning
-    from .patches import patch_model, unpatch_model
+    from .patches import patch_model, unpatch_model, warm_up
     from .selection import select_blocks
 
 _LAZY = {  # public name -> the submodule that defines it
@@ -26,6 +26,7 @@ _LAZY = {  # public name -> the submodule that defines it
     "SparsePrefillWarning": ".notices",
     "patch_model": ".patches",
     "unpatch_model": ".patches",
+    "warm_up": ".patches",
     "select_blocks": ".selection",
 }
 
@@ -38,6 +39,7 @@ __all__ = [
     "select_blocks",
     "sparse_attention",
     "unpatch_model",
+    "warm_up",
 ]
 __version__ = "0.1.0"
 

@@ -101,8 +101,9 @@ def recorded_keys():
 
 def run(q_len: int, k_len: int, last_chunk: bool = True):
     g = torch.Generator().manual_seed(q_len * 7919 + k_len)
-    q = torch.randn(1, 4, q_len, 64, generator=g, dtype=torch.float16)
-    k, v = (torch.randn(1, 2, k_len, 64, generator=g, dtype=torch.float16) for _ in range(2))
+    # 2 query heads: a buffer of 2 x (blocks x blocks) fp32 cells is 16-byte aligned for some lengths only
+    q = torch.randn(1, 2, q_len, 64, generator=g, dtype=torch.float16)
+    k, v = (torch.randn(1, 1, k_len, 64, generator=g, dtype=torch.float16) for _ in range(2))
     sparse_attention(q, k, v, CONFIG, last_chunk=last_chunk)
 
 
@@ -110,6 +111,7 @@ def run(q_len: int, k_len: int, last_chunk: bool = True):
 REPRESENTATIVES = [(1024, 1024, True), (256, 768, False), (256, 1024, True)]
 OTHER_LENGTHS = [(700, 700, True), (961, 961, True), (130, 517, False), (333, 1000, False), (77, 990, True),
                  (200, 1001, True)]
+NEXT_BUCKET = [(1500, 1500, True), (300, 1400, False), (129, 1100, True)]  # 17-24 key blocks: NKB 32
 
 
 def as_on_cuda(mp: pytest.MonkeyPatch):
@@ -119,32 +121,89 @@ def as_on_cuda(mp: pytest.MonkeyPatch):
 
 
 @pytest.fixture(scope="module")
-def representative_keys():
-    with pytest.MonkeyPatch.context() as mp, recorded_keys() as seen:
+def keys():
+    """Each shape's launches' keys, recorded once for the tests below."""
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
         as_on_cuda(mp)
-        for shape in REPRESENTATIVES:
-            run(*shape)
-    assert {name for name, _ in seen} >= {"_block_sparse_attention_kernel", "_row_stats_kernel",
-                                          "_pooled_probs_kernel", "_pool_tokens_kernel"} | POLICY_KERNELS
-    return seen
+        for shape in REPRESENTATIVES + OTHER_LENGTHS + NEXT_BUCKET:
+            with recorded_keys() as seen:
+                run(*shape)
+            out[shape] = seen
+    return out
 
 
-def test_new_lengths_and_offsets_compile_nothing_new(representative_keys, monkeypatch):
-    as_on_cuda(monkeypatch)
-    with recorded_keys() as seen:
-        for shape in OTHER_LENGTHS:
-            run(*shape)
-    new = seen - representative_keys
+def union(keys, shapes):
+    return set().union(*(keys[shape] for shape in shapes))
+
+
+def test_new_lengths_and_offsets_compile_nothing_new(keys):
+    known = union(keys, REPRESENTATIVES)
+    assert {name for name, _ in known} >= {"_block_sparse_attention_kernel", "_row_stats_kernel",
+                                           "_pooled_probs_kernel", "_pool_tokens_kernel"} | POLICY_KERNELS
+    new = union(keys, OTHER_LENGTHS) - known
     assert not new, "kernel variants that follow the length: " + "; ".join(
-        f"{name}: {[kv for kv in key if kv not in dict_keys(representative_keys, name)]}" for name, key in new)
+        f"{name}: {[kv for kv in key if kv not in dict_keys(known, name)]}" for name, key in new)
 
 
 def dict_keys(seen, name):
     return {kv for n, key in seen if n == name for kv in key}
 
 
-def test_a_new_bucket_of_key_blocks_compiles_only_the_policy_kernels(representative_keys, monkeypatch):
+def test_a_new_bucket_of_key_blocks_compiles_only_the_policy_kernels(keys):
+    new = union(keys, NEXT_BUCKET) - union(keys, REPRESENTATIVES + OTHER_LENGTHS)
+    assert {name for name, _ in new} == POLICY_KERNELS
+
+
+# ---------------------------------------------------------------------------------------------
+# warm_up: every variant a prompt up to max_len needs, compiled before the first request
+# ---------------------------------------------------------------------------------------------
+
+def test_warm_up_launches_every_variant_the_calls_up_to_max_len_need(keys, monkeypatch):
+    """Rule: after `warm_up_kernels(..., max_len)`, no call over at most max_len keys (whole prompt, middle chunk,
+    last chunk, any length or offset) launches a variant the warm-up did not (the first such launch is a compile)."""
+    from sparse_prefill.attention import warm_up_kernels
+
     as_on_cuda(monkeypatch)
-    with recorded_keys() as seen:
-        run(1500, 1500)  # 24 key blocks: NKB 32
-    assert {name for name, _ in seen - representative_keys} == POLICY_KERNELS
+    with recorded_keys() as warmed:
+        calls = warm_up_kernels(2, 1, 64, 1500, CONFIG, dtype=torch.float16, device="cpu")
+    assert calls == 5  # the three kinds at 16 key blocks, a middle and a last chunk at 32 (1500 keys: 24 blocks)
+    needed = union(keys, REPRESENTATIVES + OTHER_LENGTHS + NEXT_BUCKET)
+    assert needed <= warmed, f"not warmed up: {sorted({name for name, _ in needed - warmed})}"
+
+
+def test_warm_up_of_a_patched_model_covers_its_own_prefill(monkeypatch):
+    """`sparse_prefill.warm_up(model)` reads the heads, head_dim, dtype, device and config from the patched model:
+    the model's own whole-prompt and chunked prefill then launch nothing new."""
+    from model_zoo import tiny_model
+    from transformers import DynamicCache
+
+    from sparse_prefill import patch_model, warm_up
+    from sparse_prefill.patches import transformers_attention
+
+    as_on_cuda(monkeypatch)
+    monkeypatch.setattr(transformers_attention, "triton_supports", lambda q, block_size: None)
+    model = tiny_model("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                       num_hidden_layers=1).to(torch.float16)
+    with pytest.raises(ValueError, match="patch_model"):
+        warm_up(model)
+    patch_model(model, CONFIG.replace(backend="auto"))
+    with recorded_keys() as warmed:
+        assert warm_up(model, max_len=1000) == 3  # one bucket: a whole prompt, a middle and a last chunk
+    ids = torch.randint(3, 128, (1, 1000), generator=torch.Generator().manual_seed(0))
+    with recorded_keys() as needed, torch.no_grad():
+        model(ids[:, :900])
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :600], past_key_values=cache)
+        model(ids[:, 600:], past_key_values=cache)
+    assert needed and needed <= warmed, "not warmed up: " + "; ".join(
+        f"{name}: {[kv for kv in key if kv not in dict_keys(warmed, name)]}" for name, key in needed - warmed)
+
+
+def test_warm_up_off_the_gpu_does_nothing():
+    from model_zoo import tiny_model
+
+    from sparse_prefill import patch_model, warm_up
+
+    model = patch_model(tiny_model("llama"), CONFIG.replace(backend="auto"))
+    assert warm_up(model, max_len=4096) == 0  # CPU: the PyTorch reference runs, nothing to compile

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..notices import SparsePrefillWarning
-    from .transformers_attention import is_patched, patch_model, unpatch_model
+    from .transformers_attention import is_patched, patch_model, unpatch_model, warm_up
 
 _LAZY = {"SparsePrefillWarning": "..notices", "is_patched": ".transformers_attention",
-         "patch_model": ".transformers_attention", "unpatch_model": ".transformers_attention"}
+         "patch_model": ".transformers_attention", "unpatch_model": ".transformers_attention",
+         "warm_up": ".transformers_attention"}
 
-__all__ = ["SparsePrefillWarning", "is_patched", "patch_model", "unpatch_model"]
+__all__ = ["SparsePrefillWarning", "is_patched", "patch_model", "unpatch_model", "warm_up"]
 
 
 def __getattr__(name: str):

@@ -34,7 +34,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..attention import sparse_attention
+from ..attention import sparse_attention, warm_up_kernels
 from ..config import SparsePrefillConfig, as_config
 from ..kernels import triton_supports
 from ..notices import forget_warnings
@@ -262,6 +262,39 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
         _CONFIGS[module] = config
     forget_warnings()
     return model
+
+
+def warm_up(model: torch.nn.Module, max_len: int | None = None) -> int:
+    """Compile, before the first long prompt, the kernel variants a patched model's prompts of up to `max_len`
+    tokens need (default: its `max_position_embeddings`), on each GPU its attention layers live on: the first long
+    request then finds no Triton compile in its way (seconds on a fresh machine; `attention.warm_up_kernels`).
+    Returns the number of sparse calls made; 0 where the path runs no Triton kernel (CPU, fp32, backend="torch").
+    """
+    if not is_patched(model):
+        raise ValueError("warm_up needs a patched model: call patch_model(model) first.")
+    text = getattr(model.config, "text_config", None) or model.config
+    max_len = max_len or getattr(text, "max_position_embeddings", None)
+    if not max_len:
+        raise ValueError(f"{type(model).__name__}'s config has no max_position_embeddings: pass max_len.")
+    calls, done = 0, set()
+    for module in model.modules():
+        config = _CONFIGS.get(module)
+        q_proj = getattr(module, "q_proj", None)
+        if config is None or not getattr(module, "is_causal", False) or not isinstance(q_proj, torch.nn.Linear):
+            continue
+        counts, head_dim = _head_counts(module, model.config), getattr(module, "head_dim", None)
+        if counts is None or not head_dim:
+            continue
+        weight = q_proj.weight
+        probe = weight.new_empty(1, 1, 1, head_dim)
+        softcap = getattr(module, "attn_logit_softcapping", None)
+        shape = (*counts, head_dim, weight.dtype, weight.device, config, softcap)
+        if shape in done or config.backend == "torch" or triton_supports(probe, config.block_size):
+            continue
+        done.add(shape)
+        calls += warm_up_kernels(*counts, head_dim, max_len, _rank_config(module, counts[0], config),
+                                 dtype=weight.dtype, device=weight.device, softcap=softcap)
+    return calls
 
 
 def _head_counts(module: torch.nn.Module, model_config) -> tuple[int, int] | None:

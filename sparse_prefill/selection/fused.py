@@ -262,7 +262,10 @@ def pooled_softmax_blocks(
     sum_exp = torch.empty_like(m)
     _row_stats_kernel[grid](rows, keys, kr, m, sum_exp, *args, splits, tiles_per_split, scale_log2, softcap_log2,
                             **meta)
-    score, mass = torch.zeros(2, b, heads, n_q_blocks, n_k_blocks, device=rows.device, dtype=torch.float32)
+    # Two allocations, not two halves of one: a half starting mid-buffer is 16-byte aligned or not by the shape,
+    # and Triton compiles a kernel variant per pointer alignment.
+    score, mass = (torch.zeros(b, heads, n_q_blocks, n_k_blocks, device=rows.device, dtype=torch.float32)
+                   for _ in range(2))
     _pooled_probs_kernel[grid](rows, keys, kr, m, sum_exp, score, mass, *args, splits, tiles_per_split, n_q_blocks,
                                n_k_blocks, scale_log2, softcap_log2, ROWS_PER_BLOCK=rows_per_block,
                                COLS_PER_BLOCK=cols_per_block, **meta)
