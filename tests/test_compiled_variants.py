@@ -207,3 +207,16 @@ def test_warm_up_off_the_gpu_does_nothing():
 
     model = patch_model(tiny_model("llama"), CONFIG.replace(backend="auto"))
     assert warm_up(model, max_len=4096) == 0  # CPU: the PyTorch reference runs, nothing to compile
+
+
+def test_warm_up_covers_the_context_yarn_extends_it_to():
+    """A config that carries YaRN often keeps the trained length in max_position_embeddings: the warm-up goes to
+    the length rope scaling reaches."""
+    from transformers import Qwen2Config
+
+    from sparse_prefill.patches.transformers_attention import context_length
+
+    plain = Qwen2Config(max_position_embeddings=32768)
+    yarn = Qwen2Config(max_position_embeddings=32768, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6})
+    assert context_length(plain) == 32768 and context_length(yarn) == 131072

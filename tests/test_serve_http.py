@@ -19,9 +19,11 @@ import torch
 
 openai = pytest.importorskip("openai", reason="the serve extra is not installed: pip install -e '.[serve]'")
 transformers = pytest.importorskip("transformers")
-from model_zoo import char_tokenizer, save_tiny_checkpoint  # noqa: E402
+from model_zoo import char_tokenizer, save_tiny_checkpoint, tiny_model  # noqa: E402
 from transformers.utils.import_utils import is_serve_available  # noqa: E402
 
+from sparse_prefill import SparsePrefillConfig  # noqa: E402
+from sparse_prefill.patches import is_patched  # noqa: E402
 from sparse_prefill.patches import serve as serve_glue  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not is_serve_available(), reason="transformers serve's dependencies are missing")
@@ -130,3 +132,31 @@ def test_prefill_graphs_go_off_for_flash_attention_where_the_user_chose_nothing(
     assert serve_glue._with_prefill_graphs_off(None, flash=False) is None  # sdpa: transformers captures nothing
     chosen = ContinuousBatchingConfig(use_cuda_graph=True)
     assert serve_glue._with_prefill_graphs_off(chosen, flash=True).use_cuda_graph is True
+
+
+def test_warm_up_length_comes_from_its_flag_or_the_servers_context_and_is_taken_out():
+    assert serve_glue.parse_warm_up(["M", "--warm-up", "65536", "--port", "9"]) == (65536, ["M", "--port", "9"])
+    assert serve_glue.parse_warm_up(["M", "--max-model-len", "4096"]) == (4096, ["M", "--max-model-len", "4096"])
+    assert serve_glue.parse_warm_up(["M", "--warm-up=0", "--max-model-len", "9"])[0] == 0
+    assert serve_glue.parse_warm_up(["M"]) == (None, ["M"])
+    with pytest.raises(ValueError, match="--warm-up"):
+        serve_glue.parse_warm_up(["--warm-up", "-1"])
+
+
+@pytest.mark.parametrize("length, expected", [(None, [None]), (8192, [8192]), (0, [])])
+def test_the_loader_warms_the_patched_model_up_before_serving(monkeypatch, length, expected):
+    """The model process compiles the kernels before the first request (a fresh machine's first long request
+    waited about 9 s for them on an H200); `--warm-up 0` turns it off."""
+    from sparse_prefill import patches
+    from sparse_prefill.patches import transformers_attention
+
+    asked = []
+    monkeypatch.setattr(transformers_attention, "warm_up", lambda model, max_len=None: asked.append(max_len) or 0)
+    monkeypatch.setattr(patches, "warm_up", transformers_attention.warm_up, raising=False)
+
+    class Loader:
+        def load_model_and_processor(self):
+            return tiny_model("llama"), None
+
+    model, _ = serve_glue.PatchingLoader(Loader(), SparsePrefillConfig(), length).load_model_and_processor()
+    assert is_patched(model) and asked == expected

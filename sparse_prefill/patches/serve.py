@@ -14,12 +14,16 @@ length on the host). transformers captures graphs by default only for flash atte
 batching switches to whenever it is installed): there, where the user set nothing, the prefill path's graphs go
 off and the decode path keeps its own, `use_cuda_graph=(False, True)`; with sdpa nothing changes. The same holds
 for `generate_batch` with flash attention: pass `ContinuousBatchingConfig(use_cuda_graph=(False, True))`.
+
+Before serving, the model process runs `warm_up` for prompts up to `--warm-up` tokens (default: the server's
+`--max-model-len`, else the model's context), so that no request waits for a Triton compile.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from ..config import SparsePrefillConfig, config_from_options
 
@@ -29,9 +33,10 @@ MIN_TRANSFORMERS = (5, 25)  # a model's process loads through a picklable `Model
 class PatchingLoader:
     """A transformers serve `ModelLoader` that patches what it loads; every other attribute is the wrapped one's."""
 
-    def __init__(self, loader, config: SparsePrefillConfig):
+    def __init__(self, loader, config: SparsePrefillConfig, warm_up_len: int | None = None):
         self._loader = loader
         self._config = config
+        self._warm_up_len = warm_up_len  # None: the model's context; 0: no warm-up
 
     def __getattr__(self, name: str):
         if name.startswith("__") or "_loader" not in self.__dict__:  # pickling and copying look for dunders
@@ -39,12 +44,18 @@ class PatchingLoader:
         return getattr(self._loader, name)
 
     def load_model_and_processor(self, *args, **kwargs):
-        from . import patch_model
+        from . import patch_model, warm_up
 
         model, processor = self._loader.load_model_and_processor(*args, **kwargs)
         patch_model(model, self._config)
         print(f"sparse_prefill: {type(model).__name__} patched for sparse prefill ({model.config._attn_implementation}"
               f" attention): {self._config}", file=sys.stderr, flush=True)
+        if self._warm_up_len != 0:  # compile the kernels now, not in the first long request's time to first token
+            started = time.perf_counter()
+            calls = warm_up(model, max_len=self._warm_up_len)
+            if calls:
+                print(f"sparse_prefill: kernels ready for prompts up to {self._warm_up_len or 'the context'} tokens "
+                      f"({calls} warm-up calls, {time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
         return model, processor
 
 
@@ -73,6 +84,7 @@ class SparseServe(_Serve):
     """transformers' `Serve` command whose model loader patches every model it loads with `sparse_config`."""
 
     sparse_config = SparsePrefillConfig()  # set by `main` before the command runs; travels with the loader
+    warm_up_len: int | None = None
 
     @property
     def loader(self):
@@ -80,7 +92,7 @@ class SparseServe(_Serve):
 
     @loader.setter
     def loader(self, loader) -> None:  # `Serve.__init__` sets the generation state, then the loader
-        self.__dict__["loader"] = PatchingLoader(loader, self.sparse_config)
+        self.__dict__["loader"] = PatchingLoader(loader, self.sparse_config, self.warm_up_len)
         state = getattr(self, "generation_state", None)
         if getattr(state, "_continuous_batching", False) and hasattr(state, "cb_config"):
             state.cb_config = _with_prefill_graphs_off(state.cb_config, _flash_attention_likely(loader))
@@ -108,6 +120,20 @@ def _with_prefill_graphs_off(cb_config, flash: bool):
     return cb_config
 
 
+def parse_warm_up(argv: list[str]) -> tuple[int | None, list[str]]:
+    """(`--warm-up TOKENS`, the other arguments). Default: transformers serve's `--max-model-len` where given,
+    else the model's context (None); 0 turns the warm-up off."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--warm-up", dest="warm_up", type=int, default=None)
+    parser.add_argument("--max-model-len", dest="max_model_len", type=int, default=None)
+    known, _ = parser.parse_known_args(argv)
+    rest = [a for i, a in enumerate(argv) if not (a == "--warm-up" or a.startswith("--warm-up=")
+                                                   or (i and argv[i - 1] == "--warm-up"))]
+    if known.warm_up is not None and known.warm_up < 0:
+        raise ValueError(f"--warm-up takes a number of tokens >= 0 (0: no warm-up); got {known.warm_up}.")
+    return (known.warm_up if known.warm_up is not None else known.max_model_len), rest
+
+
 def parse_config_flags(argv: list[str]) -> tuple[SparsePrefillConfig, list[str]]:
     """(config, the other arguments): every SparsePrefillConfig field as a flag (`--gamma 0.9`,
     `--min-seq-len auto`), the rest left for transformers serve."""
@@ -128,16 +154,19 @@ def main(argv: list[str] | None = None) -> int:
         fields = ", ".join("--" + name.replace("_", "-") for name in SparsePrefillConfig.__dataclass_fields__)
         print("sparse-prefill serve MODEL [SparsePrefillConfig flags] [transformers serve options]\n\n"
               f"SparsePrefillConfig flags (see the README's Configuration table): {fields}.\n"
+              "--warm-up TOKENS: compile the kernels for prompts up to TOKENS before serving (default: "
+              "--max-model-len, else the model's context; 0: off).\n"
               "The transformers serve options follow.\n")
     try:
         check_version()
+        warm_up_len, argv = parse_warm_up(argv)
         config, rest = parse_config_flags(argv)
     except (ValueError, RuntimeError) as err:
         print(f"sparse-prefill serve: error: {err}", file=sys.stderr)
         return 2
     import typer
 
-    SparseServe.sparse_config = config
+    SparseServe.sparse_config, SparseServe.warm_up_len = config, warm_up_len
     app = typer.Typer(add_completion=False)
     app.command()(SparseServe)
     app(args=rest, prog_name="sparse-prefill serve")

@@ -264,16 +264,26 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
     return model
 
 
+def context_length(model_config) -> int | None:
+    """The longest prompt a config allows: max_position_embeddings, or what its rope scaling extends it to
+    (configs that carry YaRN often keep the trained length there)."""
+    text = getattr(model_config, "text_config", None) or model_config
+    length = getattr(text, "max_position_embeddings", None)
+    for rope in (getattr(text, "rope_parameters", None), getattr(text, "rope_scaling", None)):
+        if isinstance(rope, dict) and rope.get("original_max_position_embeddings") and rope.get("factor"):
+            length = max(length or 0, int(rope["original_max_position_embeddings"] * rope["factor"]))
+    return length
+
+
 def warm_up(model: torch.nn.Module, max_len: int | None = None) -> int:
     """Compile, before the first long prompt, the kernel variants a patched model's prompts of up to `max_len`
-    tokens need (default: its `max_position_embeddings`), on each GPU its attention layers live on: the first long
+    tokens need (default: its context, `context_length`), on each GPU its attention layers live on: the first long
     request then finds no Triton compile in its way (seconds on a fresh machine; `attention.warm_up_kernels`).
     Returns the number of sparse calls made; 0 where the path runs no Triton kernel (CPU, fp32, backend="torch").
     """
     if not is_patched(model):
         raise ValueError("warm_up needs a patched model: call patch_model(model) first.")
-    text = getattr(model.config, "text_config", None) or model.config
-    max_len = max_len or getattr(text, "max_position_embeddings", None)
+    max_len = max_len or context_length(model.config)
     if not max_len:
         raise ValueError(f"{type(model).__name__}'s config has no max_position_embeddings: pass max_len.")
     calls, done = 0, set()
