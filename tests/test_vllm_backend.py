@@ -288,3 +288,43 @@ def test_engine_gives_flash_attentions_tokens_at_gamma_1(tmp_path, tp):
     assert [t[0] for t in sparse] == [t[0] for t in dense]
     same = sum(a == b for x, y in zip(sparse, dense, strict=True) for a, b in zip(x, y, strict=True))
     assert same >= 0.9 * sum(len(t) for t in dense), (sparse, dense)
+
+
+def engine_config(max_model_len=131072, heads=14, tp=1, softcap=None):
+    model = types.SimpleNamespace(max_model_len=max_model_len, get_num_attention_heads=lambda parallel: heads // tp,
+                                  hf_text_config=types.SimpleNamespace(attn_logit_softcapping=softcap))
+    return types.SimpleNamespace(model_config=model, parallel_config=types.SimpleNamespace(tensor_parallel_size=tp))
+
+
+def test_the_builder_warms_the_kernels_up_once_for_the_engines_context(monkeypatch):
+    """The builder is made once the KV cache exists, before vLLM's own warm-up: the kernels for prompts up to
+    max_model_len compile then, not in a request's time to first token. Once per process and shape;
+    $SPARSE_PREFILL_WARM_UP sets the length (0: none)."""
+    monkeypatch.setenv("SPARSE_PREFILL_CONFIG", "proxy_heads=2")
+    monkeypatch.setattr(backend, "_WARMED", set())
+    monkeypatch.setattr(backend, "triton_supports", lambda q, block_size: None)  # as on a GPU
+    calls = []
+    monkeypatch.setattr(backend, "warm_up_kernels", lambda *args, **kw: calls.append((args, kw)) or 7)
+    spec = types.SimpleNamespace(num_kv_heads=1, head_size=64, dtype=torch.bfloat16)
+    assert backend.warm_up_engine(engine_config(tp=2), spec, torch.device("cpu")) == 7
+    (args, kw), = calls
+    assert args[:4] == (7, 1, 64, 131072) and args[4].proxy_heads == 1  # this rank's heads and its share of proxies
+    assert kw["dtype"] == torch.bfloat16 and kw["softcap"] is None
+    assert backend.warm_up_engine(engine_config(tp=2), spec, torch.device("cpu")) == 0 and len(calls) == 1
+    monkeypatch.setenv("SPARSE_PREFILL_WARM_UP", "0")
+    assert backend.warm_up_engine(engine_config(max_model_len=65536), spec, torch.device("cpu")) == 0
+    monkeypatch.setenv("SPARSE_PREFILL_WARM_UP", "32768")
+    assert backend.warm_up_engine(engine_config(), spec, torch.device("cpu")) == 7 and calls[-1][0][3] == 32768
+
+
+def test_a_failed_warm_up_is_said_and_the_engine_goes_on(monkeypatch):
+    monkeypatch.setattr(backend, "_WARMED", set())
+    monkeypatch.setattr(backend, "triton_supports", lambda q, block_size: None)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(backend, "warm_up_kernels", out_of_memory)
+    spec = types.SimpleNamespace(num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    with pytest.warns(SparsePrefillWarning, match="warm-up failed"):
+        assert backend.warm_up_engine(engine_config(), spec, torch.device("cpu")) == 0

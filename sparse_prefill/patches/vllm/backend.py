@@ -13,6 +13,9 @@ Three subclasses add the rest:
   consecutive requests (the queries of a run are contiguous, so nothing is copied);
 - the backend names the two and calls itself "CUSTOM".
 
+The builder also warms the kernels up for prompts up to max_model_len when it is made (`warm_up_engine`), so
+that no request waits for a Triton compile.
+
 What always runs FlashAttention unchanged, for the whole layer: layers with a sliding window, ALiBi, attention
 sinks or a non-decoder attention type; quantized (fp8) KV caches; decode context parallelism; head sizes or
 dtypes the Triton kernels do not take; cascade attention, per-request causal flags and multimodal prefix ranges;
@@ -25,11 +28,14 @@ those; `per_request.rank_config` gives an int `proxy_heads` its share, "q" and "
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import vllm
 
+from ...attention import warm_up_kernels
 from ...kernels import triton_supports
+from ...notices import warn_once
 from ..per_request import attend_alone, check_proxy_heads, rank_config, warn_dense
 from . import config_from_env, version_problem
 from .paged import StepRequests, gather_request_kv, read_step
@@ -64,12 +70,43 @@ class SparsePrefillMetadata(FlashAttentionMetadata):
     step: StepRequests | None = None
 
 
+_WARMED: set[tuple] = set()
+
+
+def warm_up_engine(vllm_config, kv_cache_spec, device) -> int:
+    """Compile the sparse path's kernels for prompts up to the engine's max_model_len before its first request
+    (`attention.warm_up_kernels`): builders are made once the KV cache exists, before vLLM's own warm-up and graph
+    capture. $SPARSE_PREFILL_WARM_UP sets another length (0: none). Once per process and shape; a failure is
+    said once and the first long requests compile instead. Returns the number of sparse calls made."""
+    length = os.environ.get("SPARSE_PREFILL_WARM_UP", "").strip()
+    max_len = int(length) if length else vllm_config.model_config.max_model_len
+    config = config_from_env()
+    heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+    config = rank_config(config, heads, heads * vllm_config.parallel_config.tensor_parallel_size)
+    softcap = getattr(vllm_config.model_config.hf_text_config, "attn_logit_softcapping", None)
+    kv_heads, head_size, dtype = kv_cache_spec.num_kv_heads, kv_cache_spec.head_size, kv_cache_spec.dtype
+    key = (heads, kv_heads, head_size, dtype, str(device), config, softcap, max_len)
+    if max_len <= 0 or key in _WARMED or config.backend == "torch":
+        return 0
+    if triton_supports(torch.empty(1, 1, 1, head_size, dtype=dtype, device=device), config.block_size) is not None:
+        return 0  # these layers run FlashAttention: nothing to compile
+    _WARMED.add(key)
+    try:
+        return warm_up_kernels(heads, kv_heads, head_size, max_len, config, dtype=dtype, device=device,
+                               softcap=softcap)
+    except (RuntimeError, ValueError) as err:
+        warn_once(f"sparse_prefill: the kernel warm-up failed ({type(err).__name__}: {err}); the first long "
+                  "requests compile the kernels instead.")
+        return 0
+
+
 class SparsePrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     """FlashAttention's builder; adds which requests of the step go sparse."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.sparse_config = config_from_env()
+        warm_up_engine(vllm_config, kv_cache_spec, device)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> SparsePrefillMetadata:
         return self._build(common_prefix_len, common_attn_metadata, fast_build, plan=True)
