@@ -160,3 +160,21 @@ def test_the_loader_warms_the_patched_model_up_before_serving(monkeypatch, lengt
 
     model, _ = serve_glue.PatchingLoader(Loader(), SparsePrefillConfig(), length).load_model_and_processor()
     assert is_patched(model) and asked == expected
+
+
+def test_a_failed_warm_up_is_said_and_the_model_still_serves(monkeypatch, capsys):
+    from sparse_prefill import patches
+    from sparse_prefill.patches import transformers_attention
+
+    def out_of_memory(model, max_len=None):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(transformers_attention, "warm_up", out_of_memory)
+    monkeypatch.setattr(patches, "warm_up", out_of_memory, raising=False)
+
+    class Loader:
+        def load_model_and_processor(self):
+            return tiny_model("llama"), None
+
+    model, _ = serve_glue.PatchingLoader(Loader(), SparsePrefillConfig()).load_model_and_processor()
+    assert is_patched(model) and "warm-up failed" in capsys.readouterr().err

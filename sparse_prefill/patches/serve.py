@@ -52,7 +52,13 @@ class PatchingLoader:
               f" attention): {self._config}", file=sys.stderr, flush=True)
         if self._warm_up_len != 0:  # compile the kernels now, not in the first long request's time to first token
             started = time.perf_counter()
-            calls = warm_up(model, max_len=self._warm_up_len)
+            try:
+                calls = warm_up(model, max_len=self._warm_up_len)
+            except (RuntimeError, ValueError) as err:  # out of memory at a long context, say: serve all the same
+                calls = 0
+                print(f"sparse_prefill: the kernel warm-up failed ({type(err).__name__}: {err}); the first long "
+                      "requests compile the kernels instead (--warm-up sets a shorter length, 0 none)",
+                      file=sys.stderr, flush=True)
             if calls:
                 print(f"sparse_prefill: kernels ready for prompts up to {self._warm_up_len or 'the context'} tokens "
                       f"({calls} warm-up calls, {time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
