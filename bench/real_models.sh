@@ -21,6 +21,8 @@
 #                                               it under the GPU lock, results in /root/runs/RUN
 #   e2e-densities JSON RUN ARGS...              bench/bench_e2e.py on Llama-3.1-8B with those per-layer densities
 #   serving NAME RUN ARGS...                    bench/bench_serving.py on NAME (continuous batching, transformers serve)
+#   vllm NAME RUN ARGS...                       the vLLM backend's tests and bench/bench_vllm.py on NAME (vLLM's
+#                                               wheels in $VWHEELS; set USE_HUB_KERNELS=0 for transformers >= 5.25)
 #   kernel RUN ARGS...                          bench/bench_kernel.py ARGS under the GPU lock, results in /root/runs/RUN
 #   profile [--tag T] [--variant V | --kernel-file F] N:DENSITY...
 #                                               Nsight Compute stall profile of one kernel launch per case
@@ -80,6 +82,21 @@ serving)
     mkdir -p "/root/runs/$run"
     gpu_locked env OUT="/root/runs/$run" python3 bench/bench_serving.py --model "$MODELS/$name" "$@" \
         2>&1 | tee "/root/runs/$run/bench_serving.log" ;;
+vllm)
+    # vllm NAME RUN ARGS...: the vLLM backend's GPU tests, then bench/bench_vllm.py ARGS, on the prepared model.
+    # vLLM's wheel and the dependencies the machine lacks come as wheels in $VWHEELS (installed to /root/vsite, so
+    # that the transformers serving wheels above stay out of vLLM's way); the package's entry point is installed.
+    name=$1 run=$2; shift 2
+    until [ -e "$MODELS/$name.ready" ]; do sleep 2; done
+    mkdir -p "/root/runs/$run"
+    [ -e /root/vsite/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /root/vsite "$VWHEELS"/*.whl && touch /root/vsite/.installed; }
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
+    export PYTHONPATH=/root/vsite:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
+    gpu_locked env SPARSE_PREFILL_VLLM_MODEL="$MODELS/$name" python3 -m pytest -q tests/test_vllm_backend.py \
+        tests/test_vllm_plugin.py 2>&1 | tee "/root/runs/$run/pytest.log"
+    gpu_locked env OUT="/root/runs/$run" python3 bench/bench_vllm.py --models "$MODELS/$name" "$@" \
+        2>&1 | tee "/root/runs/$run/bench_vllm.log" ;;
 e2e-densities)
     json=$1 run=$2; shift 2
     mkdir -p "/root/runs/$run"
