@@ -22,7 +22,7 @@
 #   e2e-densities JSON RUN ARGS...              bench/bench_e2e.py on Llama-3.1-8B with those per-layer densities
 #   serving NAME RUN ARGS...                    bench/bench_serving.py on NAME (continuous batching, transformers serve)
 #   vllm NAME RUN ARGS...                       the vLLM backend's tests and bench/bench_vllm.py on NAME (vLLM's
-#                                               wheels in $VWHEELS; set USE_HUB_KERNELS=0 for transformers >= 5.25)
+#                                               wheels in $VWHEELS, the machine's own transformers)
 #   kernel RUN ARGS...                          bench/bench_kernel.py ARGS under the GPU lock, results in /root/runs/RUN
 #   profile [--tag T] [--variant V | --kernel-file F] N:DENSITY...
 #                                               Nsight Compute stall profile of one kernel launch per case
