@@ -56,18 +56,20 @@ def sparse_attention(
 
 
 def warm_up_kernels(q_heads: int, kv_heads: int, head_dim: int, max_len: int,
-            config: SparsePrefillConfig | Mapping | None = None, *, dtype: torch.dtype = torch.bfloat16,
-            device=None, softcap: float | None = None) -> int:
+                    config: SparsePrefillConfig | Mapping | None = None, *, dtype: torch.dtype = torch.bfloat16,
+                    device=None, softcap: float | None = None) -> int:
     """Run the sparse path once per kernel variant that prompts of up to `max_len` keys need, so that a server's
     first long requests find every kernel compiled (Triton compiles a variant on its first launch: seconds each on
     a GPU; its disk cache keeps them for later processes). Returns the number of calls made.
 
     The variants follow no length or offset (tests/test_compiled_variants.py), only the kind of call (a whole
-    prompt, a chunk in the middle, a prompt's last chunk) and the power of two of key blocks the policy kernels'
-    rows are padded to. So: the three kinds at the smallest bucket, then a middle and a last chunk of two query
-    blocks for each larger bucket up to `max_len`. q is laid out as transformers' transposed [B, L, H, D]
+    prompt, a chunk in the middle, a prompt's last chunk) and the width the policy kernels pad a row of key blocks
+    to (`fused_policy.padded_row_width`). So: the three kinds at the narrowest width, then a middle and a last chunk
+    of two query blocks for each wider one up to `max_len`. q is laid out as transformers' transposed [B, L, H, D]
     projections are; the tensors are random (the compiles do not depend on the values).
     """
+    from .selection.fused_policy import padded_row_width  # Triton: only where the kernels run
+
     config = as_config(config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     block = config.block_size
@@ -77,16 +79,16 @@ def warm_up_kernels(q_heads: int, kv_heads: int, head_dim: int, max_len: int,
         x = torch.randn(1, length, heads, head_dim, generator=generator, device=device, dtype=torch.float32)
         return x.to(dtype).transpose(1, 2)
 
-    calls, bucket, top = 0, 16, max(16, 1 << (-(-max_len // block) - 1).bit_length())
-    while bucket <= top:
-        k_len = min(bucket * block, max_len)
+    calls = 0
+    widths = sorted({padded_row_width(n) for n in range(1, -(-max_len // block) + 1)})
+    for width in widths:
+        k_len = min(width * block, max_len)
         k, v = rand(k_len, kv_heads), rand(k_len, kv_heads)
         chunk = min(2 * block, k_len)
-        kinds = [(chunk, False), (chunk, True)] + ([(k_len, True)] if bucket == 16 else [])
+        kinds = [(chunk, False), (chunk, True)] + ([(k_len, True)] if width == widths[0] else [])
         for q_len, last_chunk in kinds:
             sparse_attention(rand(q_len, q_heads), k, v, config, softcap=softcap, last_chunk=last_chunk)
             calls += 1
-        bucket *= 2
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return calls

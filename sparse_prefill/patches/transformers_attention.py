@@ -302,8 +302,8 @@ def warm_up(model: torch.nn.Module, max_len: int | None = None) -> int:
         if shape in done or config.backend == "torch" or triton_supports(probe, config.block_size):
             continue
         done.add(shape)
-        calls += warm_up_kernels(*counts, head_dim, max_len, _rank_config(module, counts[0], config),
-                                 dtype=weight.dtype, device=weight.device, softcap=softcap)
+        calls += warm_up_kernels(*counts, head_dim, max_len, config, dtype=weight.dtype, device=weight.device,
+                                 softcap=softcap)
     return calls
 
 

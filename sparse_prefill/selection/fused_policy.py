@@ -154,6 +154,12 @@ def _choose_rows_kernel(
     tl.store(counts_ptr + pid_bh * n_q_blocks + i, count)
 
 
+def padded_row_width(n_k_blocks: int) -> int:
+    """The width the policy kernels pad a row of `n_k_blocks` key blocks to (their NKB): a power of two, at least
+    16. Each width is one compiled variant of those kernels."""
+    return triton.next_power_of_2(max(n_k_blocks, 16))
+
+
 def choose_blocks_fused(scores: BlockScores, last_mass: torch.Tensor, config, q_len: int, k_len: int) -> BlockLayout:
     """`budget.choose_blocks` followed by the layout compaction, as two Triton launches."""
     b, hq, n_kb = last_mass.shape
@@ -161,7 +167,7 @@ def choose_blocks_fused(scores: BlockScores, last_mass: torch.Tensor, config, q_
     device = last_mass.device
     mass = scores.mass.contiguous()  # the callers' tensors: the kernels index them as contiguous rows
     last_mass = last_mass.contiguous()
-    nkb_pow2 = triton.next_power_of_2(max(n_kb, 16))
+    nkb_pow2 = padded_row_width(n_kb)
     warps = 4 if nkb_pow2 <= 2048 else 8
     geometry = row_geometry(n_qb, q_len, k_len, config, device)
     shape = (hq, scores.heads_per_proxy, n_proxies, n_qb, n_kb, float(config.gamma), config.sink_blocks)
