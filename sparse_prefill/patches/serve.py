@@ -129,15 +129,16 @@ def _with_prefill_graphs_off(cb_config, flash: bool):
 def parse_warm_up(argv: list[str]) -> tuple[int | None, list[str]]:
     """(`--warm-up TOKENS`, the other arguments). Default: transformers serve's `--max-model-len` where given,
     else the model's context (None); 0 turns the warm-up off."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--warm-up", dest="warm_up", type=int, default=None)
-    parser.add_argument("--max-model-len", dest="max_model_len", type=int, default=None)
-    known, _ = parser.parse_known_args(argv)
-    rest = [a for i, a in enumerate(argv) if not (a == "--warm-up" or a.startswith("--warm-up=")
-                                                   or (i and argv[i - 1] == "--warm-up"))]
-    if known.warm_up is not None and known.warm_up < 0:
-        raise ValueError(f"--warm-up takes a number of tokens >= 0 (0: no warm-up); got {known.warm_up}.")
-    return (known.warm_up if known.warm_up is not None else known.max_model_len), rest
+    ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    ours.add_argument("--warm-up", dest="warm_up", type=int, default=None)
+    known, rest = ours.parse_known_args(argv)
+    if known.warm_up is not None:
+        if known.warm_up < 0:
+            raise ValueError(f"--warm-up takes a number of tokens >= 0 (0: no warm-up); got {known.warm_up}.")
+        return known.warm_up, rest
+    theirs = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # read, left in place for transformers
+    theirs.add_argument("--max-model-len", dest="max_model_len", type=int, default=None)
+    return theirs.parse_known_args(rest)[0].max_model_len, rest
 
 
 def parse_config_flags(argv: list[str]) -> tuple[SparsePrefillConfig, list[str]]:
