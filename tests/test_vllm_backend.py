@@ -306,15 +306,20 @@ def test_the_builder_warms_the_kernels_up_once_for_the_engines_context(monkeypat
     calls = []
     monkeypatch.setattr(backend, "warm_up_kernels", lambda *args, **kw: calls.append((args, kw)) or 7)
     spec = types.SimpleNamespace(num_kv_heads=1, head_size=64, dtype=torch.bfloat16)
-    assert backend.warm_up_engine(engine_config(tp=2), spec, torch.device("cpu")) == 7
+    config = plugin.config_from_env()
+    assert backend.warm_up_engine(engine_config(tp=2), spec, torch.device("cpu"), config) == 7
     (args, kw), = calls
     assert args[:4] == (7, 1, 64, 131072) and args[4].proxy_heads == 1  # this rank's heads and its share of proxies
     assert kw["dtype"] == torch.bfloat16 and kw["softcap"] is None
-    assert backend.warm_up_engine(engine_config(tp=2), spec, torch.device("cpu")) == 0 and len(calls) == 1
+    assert backend.warm_up_engine(engine_config(tp=2), spec, torch.device("cpu"), config) == 0 and len(calls) == 1
     monkeypatch.setenv("SPARSE_PREFILL_WARM_UP", "0")
-    assert backend.warm_up_engine(engine_config(max_model_len=65536), spec, torch.device("cpu")) == 0
+    assert backend.warm_up_engine(engine_config(max_model_len=65536), spec, torch.device("cpu"), config) == 0
     monkeypatch.setenv("SPARSE_PREFILL_WARM_UP", "32768")
-    assert backend.warm_up_engine(engine_config(), spec, torch.device("cpu")) == 7 and calls[-1][0][3] == 32768
+    assert backend.warm_up_engine(engine_config(), spec, torch.device("cpu"), config) == 7
+    assert calls[-1][0][3] == 32768
+    monkeypatch.setenv("SPARSE_PREFILL_WARM_UP", "lots")
+    with pytest.raises(ValueError, match="SPARSE_PREFILL_WARM_UP"):
+        backend.warm_up_engine(engine_config(), spec, torch.device("cpu"), config)
 
 
 def test_a_failed_warm_up_is_said_and_the_engine_goes_on(monkeypatch):
@@ -327,4 +332,4 @@ def test_a_failed_warm_up_is_said_and_the_engine_goes_on(monkeypatch):
     monkeypatch.setattr(backend, "warm_up_kernels", out_of_memory)
     spec = types.SimpleNamespace(num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
     with pytest.warns(SparsePrefillWarning, match="warm-up failed"):
-        assert backend.warm_up_engine(engine_config(), spec, torch.device("cpu")) == 0
+        assert backend.warm_up_engine(engine_config(), spec, torch.device("cpu"), plugin.config_from_env()) == 0

@@ -32,6 +32,7 @@ from ...config import SparsePrefillConfig, config_from_text
 
 SUPPORTED_VLLM = ((0, 24),)  # (major, minor) releases the backend was built against
 ENV_CONFIG = "SPARSE_PREFILL_CONFIG"
+ENV_WARM_UP = "SPARSE_PREFILL_WARM_UP"  # tokens the kernels are compiled for at start (default max_model_len; 0 none)
 BACKEND_PATH = "sparse_prefill.patches.vllm.backend.SparsePrefillBackend"
 
 _log = logging.getLogger("vllm.plugins.sparse_prefill")  # under vLLM's logger, so it prints with vLLM's logs

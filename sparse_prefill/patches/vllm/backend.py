@@ -34,10 +34,11 @@ import torch
 import vllm
 
 from ...attention import warm_up_kernels
+from ...config import SparsePrefillConfig
 from ...kernels import triton_supports
 from ...notices import warn_once
 from ..per_request import attend_alone, check_proxy_heads, rank_config, warn_dense
-from . import config_from_env, version_problem
+from . import ENV_WARM_UP, config_from_env, version_problem
 from .paged import StepRequests, gather_request_kv, read_step
 
 _problem = version_problem(getattr(vllm, "__version__", "unknown"))
@@ -73,14 +74,15 @@ class SparsePrefillMetadata(FlashAttentionMetadata):
 _WARMED: set[tuple] = set()
 
 
-def warm_up_engine(vllm_config, kv_cache_spec, device) -> int:
+def warm_up_engine(vllm_config, kv_cache_spec, device, config: SparsePrefillConfig) -> int:
     """Compile the sparse path's kernels for prompts up to the engine's max_model_len before its first request
     (`attention.warm_up_kernels`): builders are made once the KV cache exists, before vLLM's own warm-up and graph
     capture. $SPARSE_PREFILL_WARM_UP sets another length (0: none). Once per process and shape; a failure is
     said once and the first long requests compile instead. Returns the number of sparse calls made."""
-    length = os.environ.get("SPARSE_PREFILL_WARM_UP", "").strip()
+    length = os.environ.get(ENV_WARM_UP, "").strip()
+    if length and not length.isdigit():
+        raise ValueError(f"{ENV_WARM_UP}={length!r}: give a number of tokens (0: no warm-up).")
     max_len = int(length) if length else vllm_config.model_config.max_model_len
-    config = config_from_env()
     heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
     config = rank_config(config, heads, heads * vllm_config.parallel_config.tensor_parallel_size)
     softcap = getattr(vllm_config.model_config.hf_text_config, "attn_logit_softcapping", None)
@@ -106,7 +108,7 @@ class SparsePrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.sparse_config = config_from_env()
-        warm_up_engine(vllm_config, kv_cache_spec, device)
+        warm_up_engine(vllm_config, kv_cache_spec, device, self.sparse_config)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> SparsePrefillMetadata:
         return self._build(common_prefix_len, common_attn_metadata, fast_build, plan=True)
