@@ -69,6 +69,19 @@ def specialisation_key(fn, skip: set[str], args, kwargs) -> tuple:
     return tuple(key)
 
 
+class Recorder:
+    """Stands in for a kernel: `kernel[grid](...)` adds the launch's (name, key) to `seen`, then launches."""
+
+    def __init__(self, kernel, name: str, skip: set[str], seen: set):
+        self.kernel, self.name, self.skip, self.seen = kernel, name, skip, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.add((self.name, specialisation_key(self.kernel.fn, self.skip, args, kwargs)))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 @contextlib.contextmanager
 def recorded_keys():
     """Every kernel launch's (kernel, specialisation key), while the context is open."""
@@ -78,20 +91,8 @@ def recorded_keys():
         module = importlib.import_module(module_name)
         for name, kernel in list(vars(module).items()):
             if name.endswith("_kernel") and hasattr(kernel, "fn"):
-                skip = not_specialised(module, name)
-
-                class Recorder:
-                    def __init__(self, kernel, name, skip):
-                        self.kernel, self.name, self.skip = kernel, name, skip
-
-                    def __getitem__(self, grid):
-                        def launch(*args, **kwargs):
-                            seen.add((self.name, specialisation_key(self.kernel.fn, self.skip, args, kwargs)))
-                            return self.kernel[grid](*args, **kwargs)
-                        return launch
-
                 patches.append((module, name, kernel))
-                setattr(module, name, Recorder(kernel, name, skip))
+                setattr(module, name, Recorder(kernel, name, not_specialised(module, name), seen))
     try:
         yield seen
     finally:
