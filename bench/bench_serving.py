@@ -224,8 +224,8 @@ def free_port() -> int:
 def serve_folder(args, model, tok) -> str:
     """A model folder the server can load: the model's own, with YaRN written into its config when asked."""
     folder = Path(tempfile.mkdtemp(prefix="serve-model-"))
-    source = Path(args.model)
-    if source.is_dir():
+    source = Path(args.model) if args.model else None  # --arch: random weights, saved below
+    if source is not None and source.is_dir():
         for item in source.iterdir():
             if item.name != "config.json":
                 (folder / item.name).symlink_to(item.resolve())
@@ -402,9 +402,9 @@ def main(argv=None) -> int:
     options = dict(item.split("=", 1) for item in args.config.split(",") if item)
     config = config_from_options(options)
     device = torch.device(args.device)
-    model, tok, _ = resolve_model(args.model, arch=args.arch, device=device, yarn=args.yarn)
+    model, tok, name = resolve_model(args.model, arch=args.arch, device=device, yarn=args.yarn)
     model.set_attn_implementation("sdpa")
-    print(f"model {args.model} ({type(model).__name__}, {num_layers(model)} layers) on {device}"
+    print(f"model {name} ({type(model).__name__}, {num_layers(model)} layers) on {device}"
           f"{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}; config {config}", flush=True)
     results = {"args": {k: v for k, v in vars(args).items()}, "config": str(config)}
     failed = []
