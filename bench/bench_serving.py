@@ -397,10 +397,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.tasks = args.tasks.split(",")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    from sparse_prefill.config import config_from_options
+    from sparse_prefill.config import config_from_text
 
-    options = dict(item.split("=", 1) for item in args.config.split(",") if item)
-    config = config_from_options(options)
+    config = config_from_text(args.config)
     device = torch.device(args.device)
     model, tok, name = resolve_model(args.model, arch=args.arch, device=device, yarn=args.yarn)
     model.set_attn_implementation("sdpa")
