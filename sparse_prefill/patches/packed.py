@@ -15,14 +15,20 @@ A prefill chunk whose prompt goes on in a later batch is no prompt end: it skips
 question columns, which belong to the prompt's last queries (`sparse_attention(last_chunk=False)`). A
 request's last chunk is the one whose last query gives a token (`logits_indices` holds that position).
 
-The engine must hand over keys already read back from its cache: transformers >= 5.24. Older versions update
-the paged cache inside the attention function (a `cache` argument): those calls go to the engine unchanged,
-with one warning. A request the sparse path fails on (out of memory, say) runs densely with one warning rather
-than stopping the engine, which would fail every request in flight.
+transformers >= 5.24 hands over keys already read back from its paged cache. Older versions pass the cache
+instead (a `cache` argument) and let the attention function write this call's keys into it and read every
+request's keys back (`cache.update`). For those, when the call holds a long request, the wrapper makes that
+same update itself, once, and goes on as on 5.24 (`attend_updating_cache`); the engine's function then gets the
+keys already read, through a stand-in cache where its version insists on one (`_KeysReadBack`). A call with no
+long request goes to the engine untouched, update included.
+
+A request the sparse path fails on (out of memory, say) runs densely with one warning rather than stopping the
+engine, which would fail every request in flight.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -30,8 +36,6 @@ import torch
 from ..config import SparsePrefillConfig
 from .masks import remembered
 from .per_request import PackedRequests, attend_alone, too_short_for_sparse, warn_dense
-
-MIN_TRANSFORMERS = (5, 24)  # keys read back from the paged cache before the attention function is called
 
 
 def read_packed(kwargs: dict, q_len: int, k_len: int) -> tuple[PackedRequests | None, str | None]:
@@ -68,15 +72,12 @@ def attend_packed(dense: Callable, module, query, key, value, attention_mask, dr
     """The output [1, Tq, Hq, D] of a packed call with each request attended alone (module docstring), or None
     when the whole call should go to the engine's `dense` function unchanged."""
     if kwargs.get("cache") is not None:
-        version = ".".join(map(str, MIN_TRANSFORMERS))
-        warn_dense(f"continuous batching on this transformers version, which updates its paged cache inside the "
-                   f"attention function (sparse prefill there needs transformers >= {version})")
-        return None
+        return attend_updating_cache(dense, module, query, key, value, attention_mask, dropout, scaling, kwargs,
+                                     config)
     if kwargs.get("block_table") is not None or query.shape[0] != 1:
         return None  # the decode fast path, or not a packed row
-    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
-    if isinstance(max_q, int) and isinstance(max_k, int) and too_short_for_sparse(max_q, max_k, config):
-        return None  # no request is long: nothing to read, the engine's call as it is
+    if _no_long_request(kwargs, config):
+        return None  # nothing to read, the engine's call as it is
     if query.is_cuda and torch.cuda.is_current_stream_capturing():
         warn_dense("a prefill captured in a CUDA graph (selection reads the request lengths on the host); turn "
                    "graphs off for the prefill path, e.g. ContinuousBatchingConfig(use_cuda_graph=(False, True))")
@@ -115,6 +116,68 @@ def attend_packed(dense: Callable, module, query, key, value, attention_mask, dr
     return out
 
 
+def attend_updating_cache(dense: Callable, module, query, key, value, attention_mask, dropout, scaling,
+                          kwargs: dict, config: SparsePrefillConfig) -> torch.Tensor | None:
+    """`attend_packed` for transformers < 5.24, whose attention function gets this call's new keys and the paged
+    cache (`kwargs["cache"]`) and updates the cache itself. With a long request in the call, the cache is updated
+    here, as the engine's function would have done it, and the call goes on with the keys read back; otherwise
+    None: the engine's call unchanged. Once the cache is updated the call is answered here, densely if need be."""
+    cache = kwargs["cache"]
+    if kwargs.get("block_table") is not None or query.shape[0] != 1 or getattr(module, "sliding_window", None):
+        return None  # the decode fast path, not a packed row, or a windowed layer (exact windowed attention)
+    if _no_long_request(kwargs, config):
+        return None
+    update = getattr(cache, "update", None)
+    if not callable(update) or getattr(module, "layer_idx", None) is None:
+        warn_dense(f"continuous batching with a paged cache ({type(cache).__name__}) sparse_prefill cannot update "
+                   "(transformers >= 5.24 hands the attention keys already read from its cache)")
+        return None
+    own = {name: item for name, item in kwargs.items() if name != "cache"}
+    if "kwargs" in inspect.signature(update).parameters:  # 5.19-5.23: `own` gets this layer's lengths in place
+        key, value = update(key, value, module.layer_idx, kwargs=own)
+        dense_after = dense  # their functions update only a cache that is a PagedAttentionCache: none now
+    else:  # 5.0-5.18: keys [L, Hkv, D] read through per-layer-group indices; lengths keyed by layer type
+        key, value = update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                            read_index=own["read_index"], write_index=own["write_index"])
+        key, value = key.transpose(0, 1).unsqueeze(0), value.transpose(0, 1).unsqueeze(0)
+        for name in ("cu_seq_lens_k", "max_seqlen_k", "max_length_k"):
+            if isinstance(own.get(name), dict):
+                own[name] = own[name]["full_attention"]
+
+        def dense_after(module, q, k, v, mask, **rest):
+            return dense(module, q, k, v, mask, cache=_KeysReadBack(k, v), **rest)
+
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask["full_attention"]
+    out = attend_packed(dense_after, module, query, key, value, attention_mask, dropout, scaling, own, config)
+    if out is None:  # the cache holds this call's keys now: the engine's attention over them, here
+        out = dense_after(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **own)[0]
+    return out
+
+
+class _KeysReadBack:
+    """A paged cache already updated for this call, as the engine's attention function on transformers < 5.19
+    wants one: its `update` hands back the keys and values the wrapper read, [L, Hkv, D] as the real one does."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        self.key, self.value = key, value
+
+    def update(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key[0].transpose(0, 1), self.value[0].transpose(0, 1)
+
+
+def _no_long_request(kwargs: dict, config: SparsePrefillConfig) -> bool:
+    """Whether the longest lengths the engine passes (`max_length_*`; `max_seqlen_*` before 5.19, per layer type
+    where a model mixes them) already rule the sparse path out for every request of the call."""
+    lengths = []
+    for names in (("max_length_q", "max_seqlen_q"), ("max_length_k", "max_seqlen_k")):
+        found = next((kwargs[name] for name in names if kwargs.get(name) is not None), None)
+        if isinstance(found, dict):
+            found = max(found.values(), default=None)
+        lengths.append(found)
+    return all(isinstance(n, int) for n in lengths) and too_short_for_sparse(*lengths, config)
+
+
 def _aligned_rows(mask: torch.Tensor) -> torch.Tensor:
     """A copy of `mask` whose rows start on 16-byte boundaries (the row stride padded), as the engine's own masks
     are: slices of a buffer as wide as its cache."""
@@ -134,6 +197,8 @@ def _one_request_kwargs(kwargs: dict, i: int, q_bounds, k_bounds, q_len: int) ->
         edges = kwargs[name]
         own[name] = edges[i:i + 2] - edges[i]
     own["max_length_q"], own["max_length_k"] = qe - qs, ke - ks
+    if "max_seqlen_q" in kwargs:  # the names before transformers 5.19
+        own["max_seqlen_q"], own["max_seqlen_k"] = qe - qs, ke - ks
     positions = kwargs.get("position_ids")
     if isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[-1] == q_len:
         own["position_ids"] = positions[:, qs:qe]

@@ -139,8 +139,10 @@ def _make_attention(previous: str) -> Callable:
     """The attention function registered for `previous`: sparse prefill for patched modules, else `previous`."""
     def sparse_prefill_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         config = _CONFIGS.get(module)
-        # Shapes only, so torch.compile traces decode steps straight through to the previous implementation.
-        if config is not None and not too_short_for_sparse(query.shape[2], key.shape[2], config):
+        # Shapes only, so torch.compile traces decode steps straight through to the previous implementation. An
+        # engine that updates its paged cache in this call (transformers < 5.24) passes the new keys alone.
+        keys = key.shape[2] if kwargs.get("cache") is None else sys.maxsize
+        if config is not None and not too_short_for_sparse(query.shape[2], keys, config):
             out = _sparse_prefill(previous, module, query, key, value, attention_mask, dropout, scaling, kwargs, config)
             if out is not None:
                 return out, None
@@ -250,7 +252,7 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
 
     current = model_config._attn_implementation
     previous = _PREVIOUS[model] if current.startswith(PREFIX) else current
-    if previous not in _SUPPORTED_PREVIOUS:
+    if previous not in _SUPPORTED_PREVIOUS and previous not in _WRAPPED_NAMES:  # "paged|sdpa": batching ran before
         raise ValueError(
             f"{type(model).__name__} uses attn_implementation={previous!r}; sparse_prefill falls back to 'sdpa', "
             "'eager' or flash attention. Call model.set_attn_implementation('sdpa') first.")
