@@ -366,6 +366,25 @@ def test_an_engine_that_updates_its_cache_has_its_requests_measured_by_the_keys_
     assert sparse_calls == [(200, 700, True)] and cache.updates == 1 and out.shape == (1, 500, 4, 16)
 
 
+def test_a_flash_engine_that_updates_its_cache_gets_each_short_request_as_its_varlen_call_wants_it():
+    """5.0-5.18's `paged|flash_attention_2` reads keys [L, Hkv, D] back from its cache and takes lengths under
+    `max_seqlen_*`, per layer type where a model mixes them (flash cannot run here: a stand-in records them)."""
+    (q, k_new, v_new, _, old), (k, _, _), cache = cache_updating_call((300, 40, 1), (300, 40, 77), IndexedCache)
+    old.update(is_causal=True, cu_seq_lens_k={"full_attention": old["cu_seq_lens_k"]},
+               max_seqlen_k={"full_attention": old["max_seqlen_k"]})
+    handed = []
+
+    def paged_flash(module, q, k, v, mask, cache=None, **kw):
+        k, v = cache.update(key_states=k, value_states=v, layer_idx=module.layer_idx, read_index=kw["read_index"],
+                            write_index=kw["write_index"])
+        handed.append((tuple(k.shape), kw["cu_seq_lens_k"].tolist(), kw["max_seqlen_q"], kw["max_seqlen_k"]))
+        return torch.zeros(1, q.shape[2], q.shape[1], q.shape[3]), None
+
+    out = packed.attend_packed(paged_flash, attention_module(TIGHT)[1], q, k_new, v_new, None, 0.0, 0.25, old, TIGHT)
+    assert handed == [((40, 2, 16), [0, 40], 40, 40), ((77, 2, 16), [0, 77], 1, 77)]
+    assert cache.updates == 1 and out[:, :300].abs().sum() > 0
+
+
 def test_an_engine_that_updates_its_cache_keeps_the_exact_answer_when_the_sparse_path_cannot_read_the_call():
     """Once the wrapper has updated the cache the call cannot go back to the engine (it would update it again):
     a call the sparse path then declines is answered here, by the engine's function over the keys read back."""
