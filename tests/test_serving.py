@@ -8,6 +8,7 @@ CPU, tiny random-weight models; the paged cache is kept small so that a run take
 
 import functools
 import inspect
+import time
 import warnings
 from importlib.metadata import version
 
@@ -74,22 +75,26 @@ def prompts(lengths=LENGTHS, seed=0):
     return [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
 
 
-def generate_batch(model, inputs, max_batch_tokens=256, new_tokens=4):
-    """Greedy tokens per request, in request order."""
+def batching_sizes(gen: GenerationConfig, max_batch_tokens: int) -> dict:
+    """The arguments that give continuous batching a small paged cache (pages of 32 tokens) and `max_batch_tokens`
+    tokens a batch, as this transformers version takes them."""
     import transformers
 
-    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     sizes = dict(max_batch_tokens=max_batch_tokens, num_blocks=128)
-    if hasattr(transformers, "ContinuousBatchingConfig"):
-        config = transformers.ContinuousBatchingConfig
-        page = "page_size" if "page_size" in inspect.signature(config).parameters else "block_size"  # < 5.18
-        batching = {"continuous_batching_config": config(**sizes, **{page: 32})}
-    else:  # < 5.4: the sizes are generation config fields
+    if not hasattr(transformers, "ContinuousBatchingConfig"):  # < 5.4: generation config fields
         gen.update(**sizes, block_size=32)
-        batching = {}
+        return {}
+    config = transformers.ContinuousBatchingConfig
+    page = "page_size" if "page_size" in inspect.signature(config).parameters else "block_size"  # < 5.18
+    return {"continuous_batching_config": config(**sizes, **{page: 32})}
+
+
+def generate_batch(model, inputs, max_batch_tokens=256, new_tokens=4):
+    """Greedy tokens per request, in request order."""
+    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
-        out = model.generate_batch(inputs, gen, progress_bar=False, **batching)
+        out = model.generate_batch(inputs, gen, progress_bar=False, **batching_sizes(gen, max_batch_tokens))
     by_prompt = {tuple(result.prompt_ids): result.generated_tokens for result in out.values()}
     return [by_prompt[tuple(p)] for p in inputs]  # not by request id: 5.0 numbers the prompts after sorting them
 
@@ -148,6 +153,40 @@ def test_no_request_depends_on_its_batch_mates():
     together = generate_batch(model, inputs, max_batch_tokens=2048)  # one prefill batch, no chunking
     alone = [generate_batch(model, [p], max_batch_tokens=2048)[0] for p in inputs]
     assert together == alone
+
+
+@needs_cb
+def test_a_long_request_arriving_while_another_decodes_gets_what_it_gets_alone(sparse_calls, monkeypatch):
+    """The manager itself (`init_continuous_batching`), as a server drives it: a short request is decoding when
+    a long one arrives, so the long prompt's chunks share packs with the short one's decode steps."""
+    model = patch_model(tiny_model("llama"), TIGHT)
+    short, long = prompts((40, 700), seed=7)
+    packs, read = [], packed.read_packed
+
+    def reading(*args):
+        packs.append(read(*args)[0])
+        return read(*args)
+
+    monkeypatch.setattr(packed, "read_packed", reading)
+    gen = GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0)
+    manager = model.init_continuous_batching(generation_config=gen, **batching_sizes(gen, 256))
+    manager.start()
+    try:
+        manager.add_request(short, request_id="short", max_new_tokens=64, streaming=True)
+        assert 1 <= len(manager.get_result(request_id="short", timeout=30).generated_tokens) < 64  # decoding
+        manager.add_request(long, request_id="long", max_new_tokens=4)
+        results, deadline = {}, time.monotonic() + 60
+        while len(results) < 2 and time.monotonic() < deadline:
+            result = manager.get_result(timeout=5)
+            if result is not None and result.is_finished():
+                results[result.request_id] = result.generated_tokens
+    finally:
+        manager.stop(block=True, timeout=10)
+    assert results == {"short": generate_batch(model, [short], new_tokens=64)[0],
+                       "long": generate_batch(model, [long], new_tokens=4)[0]}
+    assert any(p is not None and {1, 256 - 1} <= {qe - qs for qs, qe in p.q_bounds} for p in packs), \
+        "a pack of the long prompt's chunk with the short request's decode step"
+    assert any(keys == 700 and last for _, keys, last in sparse_calls)  # the long prompt's last chunk went sparse
 
 
 # ---------------------------------------------------------------------------------------------
