@@ -19,8 +19,12 @@ Stages:
             `exact` control (gamma 1, one-shot) and sparse chunked prefill through generate_batch at
             each of --chunk-sizes
 
-`--model sparse-prefill-tiny --device cpu` runs every stage on a random-weight model at toy lengths (a check
-of the script, not a measurement).
+A check of the script on a CPU, not a measurement (a random-weight model; the lengths must be given, the defaults
+are a GPU's):
+
+    python3 bench/bench_serving.py --model sparse-prefill-tiny --device cpu --stages overhead,mixed,chunked \
+        --long-lengths 2k,3k --chunk 512 --short 3 --short-length 400 --new-tokens 4 --passes 1 \
+        --chunked-lengths 2k --chunk-sizes 512 --seeds 1 --tasks niah_single --config min_seq_len=1024
 """
 
 from __future__ import annotations
