@@ -41,6 +41,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    try:
+        serve_glue.check_version()
+    except RuntimeError as err:  # the command refuses this transformers (tested below): nothing to serve
+        pytest.skip(str(err))
     folder = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
     port, log = free_port(), tmp_path_factory.mktemp("log") / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
