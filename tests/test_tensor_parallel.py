@@ -192,6 +192,36 @@ def test_a_proxy_that_pools_heads_of_several_ranks_is_refused_at_patch_time(runs
         assert "pools heads that tensor parallelism puts on 2 GPUs" in got[1].get("error", ""), got[1]
 
 
+def rank_share(model, tp_size=2, dtensor=False):
+    """`model` as one of `tp_size` ranks holds it, without a process group: each layer's q/k projections cut to the
+    rank's rows, recorded as transformers 5.8-5.12 do (plain shares, `model._tp_size`) or as 5.16 does (weights
+    keeping the layer's shape with `to_local()` giving the share, no `_tp_size`)."""
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        for name in ("q_proj", "k_proj"):
+            proj = getattr(attention, name)
+            rows = proj.weight.shape[0] // tp_size
+            if dtensor:
+                share = proj.weight.detach()[:rows]
+                proj.weight.to_local = lambda share=share: share
+            else:
+                setattr(attention, name, torch.nn.Linear(proj.in_features, rows, bias=proj.bias is not None))
+    if not dtensor:
+        model._tp_size = tp_size
+    return model
+
+
+@pytest.mark.parametrize("dtensor", [False, True], ids=["plain shares (5.8-5.12)", "DTensor, no _tp_size (5.16)"])
+def test_patch_time_checks_count_the_whole_layer_however_transformers_records_the_sharding(dtensor):
+    """The tiny Llama has 4 query heads over 2 KV heads. On 2 ranks, 2 proxies (one per rank) fit and 1 proxy (pooling
+    both ranks' heads) does not, whichever way the release records the sharding. Before, the plain shares were
+    divided twice (2 refused) and the DTensor release was taken for one GPU (1 accepted)."""
+    unpatch_model(patch_model(rank_share(tiny_model("llama"), dtensor=dtensor), CONFIG.replace(proxy_heads=2)))
+    with pytest.raises(ValueError, match="pools heads that tensor parallelism puts on 2 GPUs"):
+        patch_model(rank_share(tiny_model("llama"), dtensor=dtensor), CONFIG.replace(proxy_heads=1))
+    unpatch_model(patch_model(tiny_model("llama"), CONFIG.replace(proxy_heads=1)))  # unsharded: 1 proxy fits
+
+
 @pytest.fixture(scope="module")
 def layer_qk():
     """Layer 0's q [1, 4, L, 16] and k [1, 2, L, 16] of the unsharded tiny model over PROMPT."""

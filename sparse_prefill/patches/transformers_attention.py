@@ -248,7 +248,7 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
         raise NotImplementedError(
             f"{type(model).__name__} has no causal self-attention layer; sparse prefill is for causal LMs.")
 
-    _check_heads(attention_modules, model_config, config, shards=getattr(model, "_tp_size", None) or 1)
+    _check_heads(attention_modules, model_config, config, tp_size=getattr(model, "_tp_size", None) or 1)
 
     current = model_config._attn_implementation
     previous = _PREVIOUS[model] if current.startswith(PREFIX) else current
@@ -322,24 +322,57 @@ def _head_counts(module: torch.nn.Module, model_config) -> tuple[int, int] | Non
     return hq, getattr(text, "num_key_value_heads", None) or hq
 
 
+def _layer_heads(module: torch.nn.Module, model_config, tp_size: int) -> tuple[int, int, int] | None:
+    """(query heads, KV heads, GPUs they are split over) of one attention layer as a whole, or None.
+
+    Tensor parallelism shards the projections, and transformers releases record it differently: a DTensor weight
+    (its shape is the layer's, `to_local()` the rank's share: 5.0, >= 5.16; 5.16 sets no `_tp_size`), or the
+    rank's plain share with `model._tp_size` (5.8-5.12), whose `out_features` are then the rank's heads."""
+    counts = _head_counts(module, model_config)
+    q_proj, head_dim = getattr(module, "q_proj", None), getattr(module, "head_dim", None)
+    if counts is None or not head_dim or not isinstance(q_proj, torch.nn.Linear):
+        return None if counts is None else (*counts, tp_size)
+    weight = q_proj.weight
+    if hasattr(weight, "to_local"):  # a DTensor
+        return weight.shape[0] // head_dim, counts[1], max(1, weight.shape[0] // max(1, weight.to_local().shape[0]))
+    text = getattr(model_config, "text_config", None) or model_config
+    whole = getattr(text, "num_attention_heads", None)
+    if tp_size > 1 and weight.shape[0] // head_dim * tp_size == whole:  # the rank's plain share
+        kv = getattr(text, "num_key_value_heads", None) or whole
+        return whole, min(kv, counts[1] * tp_size), tp_size
+    return weight.shape[0] // head_dim, counts[1], 1
+
+
+# Per attention module: its query heads in all, where tensor parallelism gives each rank a share (`_check_heads`).
+_WHOLE_HEADS: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
+
+
 def _rank_config(module, local_heads: int, config: SparsePrefillConfig) -> SparsePrefillConfig:
     """The config for a call that sees `local_heads` of the module's query heads (`per_request.rank_config`)."""
     if not isinstance(config.proxy_heads, int):
         return config
-    counts = _head_counts(module, getattr(module, "config", None))
-    return config if counts is None else rank_config(config, local_heads, counts[0])
+    whole = _WHOLE_HEADS.get(module)
+    if whole is None:
+        counts = _head_counts(module, getattr(module, "config", None))
+        whole = None if counts is None else counts[0]
+    return config if whole is None else rank_config(config, local_heads, whole)
 
 
-def _check_heads(attention_modules, model_config, config: SparsePrefillConfig, shards: int = 1) -> None:
-    """Refuse a `proxy_heads` that some layer's head counts do not fit, now rather than at the first long forward."""
+def _check_heads(attention_modules, model_config, config: SparsePrefillConfig, tp_size: int = 1) -> None:
+    """Refuse a `proxy_heads` that some layer's head counts do not fit, now rather than at the first long forward;
+    remember each layer's query heads in all for the calls' `_rank_config`."""
     for module in attention_modules:
-        counts = _head_counts(module, model_config)
-        if counts is not None:
-            try:
-                check_proxy_heads(config, *counts, shards=shards)
-            except ValueError as err:
-                name = type(module).__name__
-                raise ValueError(f"SparsePrefillConfig.proxy_heads does not fit {name}: {err}") from None
+        heads = _layer_heads(module, model_config, tp_size)
+        if heads is None:
+            continue
+        q_heads, kv_heads, shards = heads
+        if shards > 1:
+            _WHOLE_HEADS[module] = q_heads
+        try:
+            check_proxy_heads(config, q_heads, kv_heads, shards=shards)
+        except ValueError as err:
+            name = type(module).__name__
+            raise ValueError(f"SparsePrefillConfig.proxy_heads does not fit {name}: {err}") from None
 
 
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
