@@ -58,7 +58,7 @@ from sparse_prefill.eval.runner import format_table, greedy_answer, set_mode, sy
 from sparse_prefill.eval.scoring import paired_difference, score  # noqa: E402
 from sparse_prefill.eval.speed import time_call  # noqa: E402
 from sparse_prefill.eval.tasks import make_example  # noqa: E402
-from sparse_prefill.patches.padded_rows import too_short_for_sparse  # noqa: E402
+from sparse_prefill.patches.per_request import too_short_for_sparse  # noqa: E402
 
 PAGE = 256  # paged-cache page size (tokens)
 

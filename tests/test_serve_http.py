@@ -147,6 +147,13 @@ def test_warm_up_length_comes_from_its_flag_or_the_servers_context_and_is_taken_
         serve_glue.parse_warm_up(["--warm-up", "-1"])
 
 
+class TinyLoader:
+    """transformers serve's model loader as `PatchingLoader` wraps it, loading a tiny random model."""
+
+    def load_model_and_processor(self):
+        return tiny_model("llama"), None
+
+
 @pytest.mark.parametrize("length, expected", [(None, [None]), (8192, [8192]), (0, [])])
 def test_the_loader_warms_the_patched_model_up_before_serving(monkeypatch, length, expected):
     """The model process compiles the kernels before the first request (a fresh machine's first long request
@@ -158,11 +165,7 @@ def test_the_loader_warms_the_patched_model_up_before_serving(monkeypatch, lengt
     monkeypatch.setattr(transformers_attention, "warm_up", lambda model, max_len=None: asked.append(max_len) or 0)
     monkeypatch.setattr(patches, "warm_up", transformers_attention.warm_up, raising=False)
 
-    class Loader:
-        def load_model_and_processor(self):
-            return tiny_model("llama"), None
-
-    model, _ = serve_glue.PatchingLoader(Loader(), SparsePrefillConfig(), length).load_model_and_processor()
+    model, _ = serve_glue.PatchingLoader(TinyLoader(), SparsePrefillConfig(), length).load_model_and_processor()
     assert is_patched(model) and asked == expected
 
 
@@ -176,9 +179,5 @@ def test_a_failed_warm_up_is_said_and_the_model_still_serves(monkeypatch, capsys
     monkeypatch.setattr(transformers_attention, "warm_up", out_of_memory)
     monkeypatch.setattr(patches, "warm_up", out_of_memory, raising=False)
 
-    class Loader:
-        def load_model_and_processor(self):
-            return tiny_model("llama"), None
-
-    model, _ = serve_glue.PatchingLoader(Loader(), SparsePrefillConfig()).load_model_and_processor()
+    model, _ = serve_glue.PatchingLoader(TinyLoader(), SparsePrefillConfig()).load_model_and_processor()
     assert is_patched(model) and "warm-up failed" in capsys.readouterr().err

@@ -388,8 +388,8 @@ def test_engines_that_update_their_cache_in_the_attention_get_it_updated_once_an
 
 @pytest.mark.parametrize("cache_class, engine", [(IndexedCache, paged_sdpa_before_5_19), (KwargsCache, sdpa_5_19)])
 def test_an_engine_that_updates_its_cache_gets_a_call_with_no_long_request_untouched(cache_class, engine):
-    (q, k_new, v_new, mask, old), (k, _, _), cache = cache_updating_call((40, 1), (40, 900), cache_class)
-    attention, module = attention_module(TIGHT)
+    (q, k_new, v_new, mask, old), _, cache = cache_updating_call((40, 1), (40, 900), cache_class)
+    module = attention_module(TIGHT)[1]
     assert packed.attend_packed(engine, module, q, k_new, v_new, mask, 0.0, 0.25, old, TIGHT) is None
     assert cache.updates == 0  # the engine's own function, called by the wrapper on None, makes the update
 
@@ -408,7 +408,7 @@ def test_an_engine_that_updates_its_cache_has_its_requests_measured_by_the_keys_
 def test_a_flash_engine_that_updates_its_cache_gets_each_short_request_as_its_varlen_call_wants_it():
     """5.0-5.18's `paged|flash_attention_2` reads keys [L, Hkv, D] back from its cache and takes lengths under
     `max_seqlen_*`, per layer type where a model mixes them (flash cannot run here: a stand-in records them)."""
-    (q, k_new, v_new, _, old), (k, _, _), cache = cache_updating_call((300, 40, 1), (300, 40, 77), IndexedCache)
+    (q, k_new, v_new, _, old), _, cache = cache_updating_call((300, 40, 1), (300, 40, 77), IndexedCache)
     old.update(is_causal=True, cu_seq_lens_k={"full_attention": old["cu_seq_lens_k"]},
                max_seqlen_k={"full_attention": old["max_seqlen_k"]})
     handed = []

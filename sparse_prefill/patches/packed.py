@@ -74,10 +74,8 @@ def attend_packed(dense: Callable, module, query, key, value, attention_mask, dr
     if kwargs.get("cache") is not None:
         return attend_updating_cache(dense, module, query, key, value, attention_mask, dropout, scaling, kwargs,
                                      config)
-    if kwargs.get("block_table") is not None or query.shape[0] != 1:
-        return None  # the decode fast path, or not a packed row
-    if _no_long_request(kwargs, config):
-        return None  # nothing to read, the engine's call as it is
+    if _engine_call_as_is(query, kwargs, config):
+        return None
     if query.is_cuda and torch.cuda.is_current_stream_capturing():
         warn_dense("a prefill captured in a CUDA graph (selection reads the request lengths on the host); turn "
                    "graphs off for the prefill path, e.g. ContinuousBatchingConfig(use_cuda_graph=(False, True))")
@@ -123,10 +121,8 @@ def attend_updating_cache(dense: Callable, module, query, key, value, attention_
     here, as the engine's function would have done it, and the call goes on with the keys read back; otherwise
     None: the engine's call unchanged. Once the cache is updated the call is answered here, densely if need be."""
     cache = kwargs["cache"]
-    if kwargs.get("block_table") is not None or query.shape[0] != 1 or getattr(module, "sliding_window", None):
-        return None  # the decode fast path, not a packed row, or a windowed layer (exact windowed attention)
-    if _no_long_request(kwargs, config):
-        return None
+    if getattr(module, "sliding_window", None) or _engine_call_as_is(query, kwargs, config):
+        return None  # a windowed layer keeps its exact windowed attention
     update = getattr(cache, "update", None)
     if not callable(update) or getattr(module, "layer_idx", None) is None:
         warn_dense(f"continuous batching with a paged cache ({type(cache).__name__}) sparse_prefill cannot update "
@@ -164,6 +160,12 @@ class _KeysReadBack:
 
     def update(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key[0].transpose(0, 1), self.value[0].transpose(0, 1)
+
+
+def _engine_call_as_is(query: torch.Tensor, kwargs: dict, config: SparsePrefillConfig) -> bool:
+    """Whether the call goes to the engine without a look at its requests: the decode fast path (a block table),
+    a batch that is no single packed row, or longest lengths that rule every request out (nothing to read)."""
+    return kwargs.get("block_table") is not None or query.shape[0] != 1 or _no_long_request(kwargs, config)
 
 
 def _no_long_request(kwargs: dict, config: SparsePrefillConfig) -> bool:
