@@ -222,6 +222,22 @@ def test_patch_time_checks_count_the_whole_layer_however_transformers_records_th
     unpatch_model(patch_model(tiny_model("llama"), CONFIG.replace(proxy_heads=1)))  # unsharded: 1 proxy fits
 
 
+@pytest.mark.parametrize("dtensor", [False, True], ids=["plain shares (5.8-5.12)", "DTensor, no _tp_size (5.16)"])
+def test_the_warm_up_compiles_for_the_heads_a_rank_attends(dtensor, monkeypatch):
+    """Each rank's attention sees its 2 of the 4 query heads and 1 of the 2 KV heads: the warm-up runs that, not
+    the whole layer (which would cost each rank twice the work and memory at start)."""
+    from sparse_prefill.patches import transformers_attention
+
+    monkeypatch.setattr(transformers_attention, "triton_supports", lambda q, block_size: None)  # as on a GPU
+    asked = []
+    monkeypatch.setattr(transformers_attention, "warm_up_kernels", lambda *args, **kw: asked.append(args[:2]) or 1)
+    model = patch_model(rank_share(tiny_model("llama"), dtensor=dtensor), CONFIG.replace(backend="auto"))
+    try:
+        assert transformers_attention.warm_up(model, max_len=1024) == 1 and asked == [(2, 1)]
+    finally:
+        unpatch_model(model)
+
+
 @pytest.fixture(scope="module")
 def layer_qk():
     """Layer 0's q [1, 4, L, 16] and k [1, 2, L, 16] of the unsharded tiny model over PROMPT."""

@@ -248,7 +248,7 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
         raise NotImplementedError(
             f"{type(model).__name__} has no causal self-attention layer; sparse prefill is for causal LMs.")
 
-    _check_heads(attention_modules, model_config, config, tp_size=getattr(model, "_tp_size", None) or 1)
+    _check_heads(attention_modules, model_config, config, tp_size=_tp_size(model))
 
     current = model_config._attn_implementation
     previous = _PREVIOUS[model] if current.startswith(PREFIX) else current
@@ -288,15 +288,16 @@ def warm_up(model: torch.nn.Module, max_len: int | None = None) -> int:
     max_len = max_len or context_length(model.config)
     if not max_len:
         raise ValueError(f"{type(model).__name__}'s config has no max_position_embeddings: pass max_len.")
-    calls, done = 0, set()
+    calls, done, tp_size = 0, set(), _tp_size(model)
     for module in model.modules():
         config = _CONFIGS.get(module)
         q_proj = getattr(module, "q_proj", None)
         if config is None or not getattr(module, "is_causal", False) or not isinstance(q_proj, torch.nn.Linear):
             continue
-        counts, head_dim = _head_counts(module, model.config), getattr(module, "head_dim", None)
-        if counts is None or not head_dim:
+        heads, head_dim = _layer_heads(module, model.config, tp_size), getattr(module, "head_dim", None)
+        if heads is None or not head_dim:
             continue
+        counts = heads[0] // heads[2], max(1, heads[1] // heads[2])  # this GPU's share under tensor parallelism
         weight = q_proj.weight
         probe = weight.new_empty(1, 1, 1, head_dim)
         softcap = getattr(module, "attn_logit_softcapping", None)
@@ -320,6 +321,11 @@ def _head_counts(module: torch.nn.Module, model_config) -> tuple[int, int] | Non
     if not hq:
         return None
     return hq, getattr(text, "num_key_value_heads", None) or hq
+
+
+def _tp_size(model: torch.nn.Module) -> int:
+    """The tensor-parallel size transformers recorded on the model (not every release does: `_layer_heads`), else 1."""
+    return getattr(model, "_tp_size", None) or 1
 
 
 def _layer_heads(module: torch.nn.Module, model_config, tp_size: int) -> tuple[int, int, int] | None:
