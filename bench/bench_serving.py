@@ -1,4 +1,4 @@
-"""Sparse prefill where users serve: transformers' continuous batching (`generate_batch`) and `transformers serve`,
+r"""Sparse prefill where users serve: transformers' continuous batching (`generate_batch`) and `transformers serve`,
 dense against sparse in the same run on the same card. One command; each stage prints a short table, the
 summary table comes last, and everything is written to $OUT/serving.json.
 

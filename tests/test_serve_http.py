@@ -104,6 +104,18 @@ def test_concurrent_requests_of_mixed_lengths_are_all_answered(server):
     assert texts == [dense_text(folder, p) for p in PROMPTS] * 2
 
 
+def test_a_streamed_chat_completion_is_the_dense_answer(server):
+    """Most OpenAI clients stream chat completions: the chat template's prompt, prefilled sparse, streams dense's
+    tokens."""
+    client, folder, _ = server
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    stream = client.chat.completions.create(model=folder, messages=messages, max_tokens=5, temperature=0,
+                                            stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    prompt = char_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == dense_text(folder, prompt)
+
+
 @pytest.mark.parametrize("bad", [
     dict(prompt="x" * 1500),  # longer than the server's 1024-token context
     dict(prompt=[5, 99999, 7]),  # token ids (one out of the vocabulary) where the server takes text
