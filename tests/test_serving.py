@@ -189,6 +189,38 @@ def test_a_long_request_arriving_while_another_decodes_gets_what_it_gets_alone(s
     assert any(keys == 700 and last for _, keys, last in sparse_calls)  # the long prompt's last chunk went sparse
 
 
+@needs_cb
+def test_a_prompt_whose_prefix_the_cache_shares_prefills_sparse_over_the_shared_keys(sparse_calls):
+    """Prefix sharing (on by default): a second prompt with the first one's long prefix finds that prefix's pages in
+    the cache and prefills only its own end, few queries over many keys. That end goes sparse over every key, the
+    shared ones included, and with gamma 1 gives dense's tokens."""
+    model = patch_model(tiny_model("llama"), EXACT)
+    prefix, first_end, second_end = prompts((640, 40, 150), seed=11)
+    first, second = prefix + first_end, prefix + second_end
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    sizes = batching_sizes(gen, 256)
+    if "continuous_batching_config" in sizes and not hasattr(sizes["continuous_batching_config"],
+                                                             "allow_block_sharing"):
+        pytest.skip(f"transformers {version('transformers')} has no prefix sharing in continuous batching")
+    manager = model.init_continuous_batching(generation_config=gen, **sizes)
+    manager.start()
+    try:
+        got = {}
+        for name, ids in (("first", first), ("second", second)):  # one after the other: the second finds the first's
+            manager.add_request(ids, request_id=name, max_new_tokens=4)
+            deadline = time.monotonic() + 60
+            while name not in got and time.monotonic() < deadline:
+                result = manager.get_result(request_id=name, timeout=5)
+                if result is not None and result.is_finished():
+                    got[name] = result.generated_tokens
+    finally:
+        manager.stop(block=True, timeout=10)
+    shared = [(queries, keys) for queries, keys, last in sparse_calls if keys == len(second) and last]
+    assert shared and shared[-1][0] < len(second_end) + 64, f"no prefix hit: sparse calls {sparse_calls}"
+    unpatch_model(model)
+    assert got == {"first": generate_batch(model, [first])[0], "second": generate_batch(model, [second])[0]}
+
+
 # ---------------------------------------------------------------------------------------------
 # The packed call itself: what the attention function gets from continuous batching
 # ---------------------------------------------------------------------------------------------
