@@ -1,5 +1,7 @@
 """Tiny random-weight decoder models of the families we patch, built from configs (nothing downloaded)."""
 
+import inspect
+
 import torch
 import transformers
 
@@ -55,3 +57,15 @@ def save_tiny_checkpoint(path, family: str = "llama", **overrides) -> str:
     model.save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return str(path)
+
+
+def cache_kwargs(model, cache) -> dict:
+    """A forward's KV-cache argument: transformers 5.2x renamed `past_key_values` to `cache`; accept both."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def cache_of(outputs):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else outputs.past_key_values

@@ -1,12 +1,11 @@
 """Chunked prefill (q_len < kv_len): chunks through the model's cache or through sparse_attention give the
 one-shot result, and partial results over disjoint keys merge exactly through their log-sum-exp."""
 
-import inspect
 import warnings
 
 import pytest
 import torch
-from model_zoo import tiny_model
+from model_zoo import cache_kwargs, tiny_model
 from transformers import DynamicCache, StaticCache
 
 from sparse_prefill import SparsePrefillConfig, block_sparse_attention, patch_model, sparse_attention
@@ -18,12 +17,6 @@ TIGHT = SparsePrefillConfig(block_size=64, gamma=0.3, min_budget_tokens=0, min_s
                             exact_tail_tokens=0, question_blocks=0)  # short test prompts: keep rows sparse
 PROMPT = torch.randint(3, 128, (1, 448), generator=torch.Generator().manual_seed(2))
 CHUNKS = (0, 192, 320, 448)  # uneven chunks, none a multiple of another
-
-
-def cache_kwargs(model, cache):
-    """transformers 5.2x renamed `past_key_values` to `cache`; accept both."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
 
 
 def prefill_in_chunks(model, ids, cache, attention_mask=None):

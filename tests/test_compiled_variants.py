@@ -176,7 +176,7 @@ def test_warm_up_launches_every_variant_the_calls_up_to_max_len_need(keys, monke
 def test_warm_up_of_a_patched_model_covers_its_own_prefill(monkeypatch):
     """`sparse_prefill.warm_up(model)` reads the heads, head_dim, dtype, device and config from the patched model:
     the model's own whole-prompt and chunked prefill then launch nothing new."""
-    from model_zoo import tiny_model
+    from model_zoo import cache_kwargs, tiny_model
     from transformers import DynamicCache
 
     from sparse_prefill import patch_model, warm_up
@@ -195,8 +195,8 @@ def test_warm_up_of_a_patched_model_covers_its_own_prefill(monkeypatch):
     with recorded_keys() as needed, torch.no_grad():
         model(ids[:, :900])
         cache = DynamicCache(config=model.config)
-        model(ids[:, :600], past_key_values=cache)
-        model(ids[:, 600:], past_key_values=cache)
+        model(ids[:, :600], **cache_kwargs(model, cache))
+        model(ids[:, 600:], **cache_kwargs(model, cache))
     assert needed and needed <= warmed, "not warmed up: " + "; ".join(
         f"{name}: {[kv for kv in key if kv not in dict_keys(warmed, name)]}" for name, key in needed - warmed)
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from model_zoo import FAMILIES, tiny_model
+from model_zoo import FAMILIES, cache_kwargs, cache_of, tiny_model
 
 from sparse_prefill import SparsePrefillConfig, patch_model, unpatch_model
 from sparse_prefill.patches import is_patched
@@ -43,9 +43,9 @@ def test_generate_and_decode_are_dense(family):
     with torch.no_grad():
         prefill = model(PROMPT, use_cache=True)
     next_token = prefill.logits[:, -1:].argmax(-1)
-    want = logits(model, next_token, past_key_values=copy.deepcopy(prefill.past_key_values))
+    want = logits(model, next_token, **cache_kwargs(model, copy.deepcopy(cache_of(prefill))))
     patch_model(model, TIGHT)
-    got = logits(model, next_token, past_key_values=copy.deepcopy(prefill.past_key_values))
+    got = logits(model, next_token, **cache_kwargs(model, copy.deepcopy(cache_of(prefill))))
     assert torch.equal(got, want), "a decode step must run the previous implementation unchanged"
     out = model.generate(PROMPT, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, PROMPT.shape[1] + 4)
