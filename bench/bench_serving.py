@@ -13,7 +13,7 @@ Stages:
   overhead  one layer's packed call of that mix (long requests as prefill chunks, short ones whole):
             the per-request loop against the long requests alone plus one engine call for the short ones
             (and, to tell the loop's glue from the calls themselves, the engine's function once per short
-            request)
+            request); then a decode step of every request of the mix, patched against the engine's function
   serve     the mix through a real `transformers serve` (dense) and `sparse-prefill serve` process on
             localhost, one after the other, with the OpenAI client streaming: TTFT, decode tokens/s,
             throughput
@@ -204,6 +204,7 @@ def stage_overhead(model, tok, args, config, device) -> list[dict]:
     longs = pack(*zip(*[(q, k) for q, k, s in zip(q_lens, k_lens, sparse, strict=True) if s], strict=True))
     shorts = pack(*zip(*[(q, k) for q, k, s in zip(q_lens, k_lens, sparse, strict=True) if not s], strict=True))
     singles = [pack([q], [k]) for q, k, s in zip(q_lens, k_lens, sparse, strict=True) if not s]
+    decode = pack([1] * len(k_lens), k_lens)
     n_long = sum(sparse)
 
     def timed(fn):
@@ -215,12 +216,17 @@ def stage_overhead(model, tok, args, config, device) -> list[dict]:
         t_short = timed(lambda: sdpa_attention_forward(layer, *shorts[:4], scaling=layer.scaling, is_causal=False))
         t_each = timed(lambda: [sdpa_attention_forward(layer, *one[:4], scaling=layer.scaling, is_causal=False)
                                 for one in singles])
+        t_decode = timed(lambda: attention(layer, *decode[:4], scaling=layer.scaling, **decode[4]))
+        t_decode_engine = timed(lambda: sdpa_attention_forward(layer, *decode[:4], scaling=layer.scaling,
+                                                               is_causal=False))
     unpatch_model(model)
     row = {"pack": f"{n_long} sparse + {len(sparse) - n_long} dense requests", "packed_ms": 1e3 * t_whole,
            "sparse_only_ms": 1e3 * t_long,
            "dense_engine_ms": 1e3 * t_short,
            "dense_one_by_one_ms": 1e3 * t_each,  # the engine's own function, a call per short request
-           "overhead_pct": 100 * (t_whole - t_long - t_short) / t_whole}
+           "overhead_pct": 100 * (t_whole - t_long - t_short) / t_whole,
+           # a decode step of every request of the mix: the patched call against the engine's function
+           "decode_ms": 1e3 * t_decode, "decode_engine_ms": 1e3 * t_decode_engine}
     print(format_table([row], list(row)))
     return [row]
 
