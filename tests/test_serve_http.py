@@ -162,8 +162,21 @@ def test_warm_up_length_comes_from_its_flag_or_the_servers_context_and_is_taken_
 class TinyLoader:
     """transformers serve's model loader as `PatchingLoader` wraps it, loading a tiny random model."""
 
+    def __init__(self, attn_implementation="sdpa"):
+        self.attn_implementation = attn_implementation
+
     def load_model_and_processor(self):
-        return tiny_model("llama"), None
+        return tiny_model("llama", attn_implementation=self.attn_implementation), None
+
+
+@pytest.mark.parametrize("batching, expected", [(True, "paged|eager"), (False, "sparse_prefill:eager")])
+def test_an_eager_model_is_served_under_the_name_continuous_batching_takes(batching, expected, capsys):
+    """Continuous batching refuses a patched eager model's own name (`--attn-implementation eager` stopped the
+    model's process at the first request): with batching on, the loader gives it continuous batching's eager."""
+    loader = serve_glue.PatchingLoader(TinyLoader("eager"), SparsePrefillConfig(), 0, continuous_batching=batching)
+    model, _ = loader.load_model_and_processor()
+    assert is_patched(model) and model.config._attn_implementation == expected
+    assert ('"paged|eager"' in capsys.readouterr().err) == batching
 
 
 @pytest.mark.parametrize("length, expected", [(None, [None]), (8192, [8192]), (0, [])])

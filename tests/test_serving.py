@@ -190,6 +190,28 @@ def test_a_long_request_arriving_while_another_decodes_gets_what_it_gets_alone(s
 
 
 @needs_cb
+def test_an_eager_model_batches_sparse_as_paged_eager_and_unpatches_to_eager(sparse_calls):
+    """Continuous batching takes eager attention only as "paged|eager" (it refuses "sparse_prefill:eager"): a
+    patched eager model moved there stays sparse, gives dense's tokens with gamma 1, and unpatches to "eager"."""
+    inputs = prompts((700, 40))
+    dense = generate_batch(tiny_model("llama", attn_implementation="eager"), inputs)
+    model = patch_model(tiny_model("llama", attn_implementation="eager"), EXACT)
+    with pytest.raises(ValueError, match="sparse_prefill:eager"):  # transformers' own refusal, naming the fix
+        generate_batch(model, inputs)
+    model.set_attn_implementation("paged|eager")
+    assert generate_batch(model, inputs) == dense
+    assert any(keys == 700 and last for _, keys, last in sparse_calls)
+    patch_model(model, TIGHT)  # patching again replaces the config and keeps the name it serves under
+    assert model.config._attn_implementation == "paged|eager"
+    unpatch_model(model)
+    assert model.config._attn_implementation == "eager"
+    fresh = tiny_model("llama", attn_implementation="eager")
+    ids = torch.tensor([inputs[0]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh(ids).logits)
+
+
+@needs_cb
 def test_a_prompt_whose_prefix_the_cache_shares_prefills_sparse_over_the_shared_keys(sparse_calls):
     """Prefix sharing (on by default): a second prompt with the first one's long prefix finds that prefix's pages in
     the cache and prefills only its own end, few queries over many keys. That end goes sparse over every key, the

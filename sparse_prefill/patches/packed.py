@@ -19,7 +19,7 @@ transformers >= 5.24 hands over keys already read back from its paged cache. Old
 instead (a `cache` argument) and let the attention function write this call's keys into it and read every
 request's keys back (`cache.update`). For those, when the call holds a long request, the wrapper makes that
 same update itself, once, and goes on as on 5.24 (`attend_updating_cache`); the engine's function then gets the
-keys already read, through a stand-in cache where its version insists on one (`_KeysReadBack`). A call with no
+keys already read, through a stand-in cache for the functions that insist on one (`_KeysReadBack`). A call with no
 long request goes to the engine untouched, update included.
 
 A request the sparse path fails on (out of memory, say) runs densely with one warning rather than stopping the
@@ -129,9 +129,9 @@ def attend_updating_cache(dense: Callable, module, query, key, value, attention_
                    "(transformers >= 5.24 hands the attention keys already read from its cache)")
         return None
     own = {name: item for name, item in kwargs.items() if name != "cache"}
-    if "kwargs" in inspect.signature(update).parameters:  # 5.19-5.23: `own` gets this layer's lengths in place
+    flat = "kwargs" not in inspect.signature(update).parameters
+    if not flat:  # 5.19-5.23: `own` gets this layer's lengths in place
         key, value = update(key, value, module.layer_idx, kwargs=own)
-        dense_after = dense  # their functions update only a cache that is a PagedAttentionCache: none now
     else:  # 5.0-5.18: keys [L, Hkv, D] read through per-layer-group indices; lengths keyed by layer type
         key, value = update(key_states=key, value_states=value, layer_idx=module.layer_idx,
                             read_index=own["read_index"], write_index=own["write_index"])
@@ -140,8 +140,8 @@ def attend_updating_cache(dense: Callable, module, query, key, value, attention_
             if isinstance(own.get(name), dict):
                 own[name] = own[name]["full_attention"]
 
-        def dense_after(module, q, k, v, mask, **rest):
-            return dense(module, q, k, v, mask, cache=_KeysReadBack(k, v), **rest)
+    def dense_after(module, q, k, v, mask, **rest):
+        return dense(module, q, k, v, mask, cache=_KeysReadBack(k, v, flat), **rest)
 
     if isinstance(attention_mask, dict):
         attention_mask = attention_mask["full_attention"]
@@ -152,13 +152,17 @@ def attend_updating_cache(dense: Callable, module, query, key, value, attention_
 
 
 class _KeysReadBack:
-    """A paged cache already updated for this call, as the engine's attention function on transformers < 5.19
-    wants one: its `update` hands back the keys and values the wrapper read, [L, Hkv, D] as the real one does."""
+    """A paged cache already updated for this call, for the engine's functions that insist on one (5.18's
+    `paged|sdpa`, `paged|eager` before 5.24; sdpa and flash of 5.19-5.23 ignore a cache that is no
+    PagedAttentionCache): its `update` hands back the keys and values the wrapper read, laid out as the real
+    one's: [L, Hkv, D] before 5.19 (`flat`), [1, Hkv, L, D] after."""
 
-    def __init__(self, key: torch.Tensor, value: torch.Tensor):
-        self.key, self.value = key, value
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, flat: bool = True):
+        self.key, self.value, self.flat = key, value, flat
 
     def update(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.flat:
+            return self.key, self.value
         return self.key[0].transpose(0, 1), self.value[0].transpose(0, 1)
 
 

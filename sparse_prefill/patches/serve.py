@@ -15,6 +15,9 @@ batching switches to whenever it is installed): there, where the user set nothin
 off and the decode path keeps its own, `use_cuda_graph=(False, True)`; with sdpa nothing changes. The same holds
 for `generate_batch` with flash attention: pass `ContinuousBatchingConfig(use_cuda_graph=(False, True))`.
 
+Continuous batching takes eager attention only as "paged|eager", not a patched eager model's own name: with
+batching on, the loader moves such a model there (`serve_eager_in_batches`), where it stays sparse.
+
 Before serving, the model process runs `warm_up` for prompts up to `--warm-up` tokens (default: the server's
 `--max-model-len`, else the model's context), so that no request waits for a Triton compile.
 """
@@ -33,10 +36,12 @@ MIN_TRANSFORMERS = (5, 25)  # a model's process loads through a picklable `Model
 class PatchingLoader:
     """A transformers serve `ModelLoader` that patches what it loads; every other attribute is the wrapped one's."""
 
-    def __init__(self, loader, config: SparsePrefillConfig, warm_up_len: int | None = None):
+    def __init__(self, loader, config: SparsePrefillConfig, warm_up_len: int | None = None,
+                 continuous_batching: bool = False):
         self._loader = loader
         self._config = config
         self._warm_up_len = warm_up_len  # None: the model's context; 0: no warm-up
+        self._continuous_batching = continuous_batching
 
     def __getattr__(self, name: str):
         if name.startswith("__") or "_loader" not in self.__dict__:  # pickling and copying look for dunders
@@ -45,9 +50,13 @@ class PatchingLoader:
 
     def load_model_and_processor(self, *args, **kwargs):
         from . import patch_model, warm_up
+        from .transformers_attention import serve_eager_in_batches
 
         model, processor = self._loader.load_model_and_processor(*args, **kwargs)
         patch_model(model, self._config)
+        if self._continuous_batching and serve_eager_in_batches(model):
+            print("sparse_prefill: eager attention runs as continuous batching's \"paged|eager\" (the only eager name "
+                  "it takes)", file=sys.stderr, flush=True)
         print(f"sparse_prefill: {type(model).__name__} patched for sparse prefill ({model.config._attn_implementation}"
               f" attention): {self._config}", file=sys.stderr, flush=True)
         if self._warm_up_len != 0:  # compile the kernels now, not in the first long request's time to first token
@@ -98,9 +107,10 @@ class SparseServe(_Serve):
 
     @loader.setter
     def loader(self, loader) -> None:  # `Serve.__init__` sets the generation state, then the loader
-        self.__dict__["loader"] = PatchingLoader(loader, self.sparse_config, self.warm_up_len)
         state = getattr(self, "generation_state", None)
-        if getattr(state, "_continuous_batching", False) and hasattr(state, "cb_config"):
+        batching = bool(getattr(state, "_continuous_batching", False))
+        self.__dict__["loader"] = PatchingLoader(loader, self.sparse_config, self.warm_up_len, batching)
+        if batching and hasattr(state, "cb_config"):
             state.cb_config = _with_prefill_graphs_off(state.cb_config, _flash_attention_likely(loader))
 
 

@@ -10,7 +10,9 @@ everything else (decode, short prompts, features the sparse path lacks) to the o
 so dense results stay bit-identical. The engines then see the implementation they expect, whatever
 their version, and switching a patched model between those names (as continuous batching does when
 flash attention is installed) keeps it sparse. "eager" is no registry entry in every transformers
-version, so an eager model is switched to a name of our own, "sparse_prefill:eager", as before.
+version, so an eager model is switched to a name of our own, "sparse_prefill:eager", as before; the
+registry entries are wrapped for it too, so that moved to "paged|eager" (continuous batching's eager,
+which refuses any other name) or to flash attention it stays sparse.
 `unpatch_model` drops the module from `_CONFIGS`; when no patched model is left the registry entries
 are restored. Upstream, a registry entry that could declare the calling convention it follows (e.g.
 `register(name, fn, like="sdpa")`) would let the engines accept any name and make the wrapping
@@ -198,16 +200,16 @@ def _plan_sparse(previous, module, query, key, value, attention_mask, dropout, k
 def _register(previous: str) -> str:
     """Route calls of `previous` from patched modules through the sparse path; returns the implementation name
     a patched model runs under: `previous` itself for registry entries, "sparse_prefill:eager" for eager."""
+    for name in _WRAPPED_NAMES:  # eager models too: continuous batching runs them as "paged|eager" or flash
+        if name in AttentionInterface._global_mapping and name not in _ORIGINALS:
+            _ORIGINALS[name] = AttentionInterface._global_mapping[name]
+            AttentionInterface.register(name, _make_attention(name))
     if previous == "eager":  # no registry entry in every transformers version: a name of our own
         name = PREFIX + previous
         if name not in ALL_ATTENTION_FUNCTIONS:
             AttentionInterface.register(name, _make_attention(previous))
             AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
         return name
-    for name in _WRAPPED_NAMES:
-        if name in AttentionInterface._global_mapping and name not in _ORIGINALS:
-            _ORIGINALS[name] = AttentionInterface._global_mapping[name]
-            AttentionInterface.register(name, _make_attention(name))
     return previous
 
 
@@ -251,19 +253,31 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
     _check_heads(attention_modules, model_config, config, tp_size=_tp_size(model))
 
     current = model_config._attn_implementation
-    previous = _PREVIOUS[model] if current.startswith(PREFIX) else current
+    previous = _PREVIOUS.get(model, current)  # patching again only replaces the config
     if previous not in _SUPPORTED_PREVIOUS and previous not in _WRAPPED_NAMES:  # "paged|sdpa": batching ran before
         raise ValueError(
             f"{type(model).__name__} uses attn_implementation={previous!r}; sparse_prefill falls back to 'sdpa', "
             "'eager' or flash attention. Call model.set_attn_implementation('sdpa') first.")
     name = _register(previous)
-    if name != current:
+    if name != current and model not in _PREVIOUS:  # a patched model keeps the name it serves under
         model.set_attn_implementation(name)
     _PREVIOUS[model] = previous
     for module in model.modules():
         _CONFIGS[module] = config
     forget_warnings()
     return model
+
+
+def serve_eager_in_batches(model: torch.nn.Module) -> bool:
+    """Switch a patched eager model to "paged|eager", continuous batching's name for eager attention, and say
+    whether it was switched. Continuous batching refuses any other name (the switch it makes itself from "eager"
+    does not recognise "sparse_prefill:eager"); the model stays sparse under it, and `unpatch_model` gives it
+    "eager" back. Outside continuous batching the model runs "paged|eager"'s own function, which lacks eager's
+    softcap and dropout: switch only a model about to serve."""
+    if not is_patched(model) or model.config._attn_implementation != PREFIX + "eager":
+        return False
+    model.set_attn_implementation("paged|eager")
+    return True
 
 
 def context_length(model_config) -> int | None:
@@ -387,8 +401,9 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     previous = _PREVIOUS.pop(model, None)
     if previous is None:
         return model
-    if model.config._attn_implementation.startswith(PREFIX):
-        model.set_attn_implementation(previous)
+    current = model.config._attn_implementation
+    if current.startswith(PREFIX) or (previous == "eager" and current == "paged|eager"):  # our name, or the one
+        model.set_attn_implementation(previous)  # continuous batching takes for eager (`serve_eager_in_batches`)
     for module in model.modules():
         _CONFIGS.pop(module, None)
     if not _PREVIOUS:
