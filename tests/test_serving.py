@@ -326,16 +326,22 @@ def test_a_chunk_that_is_no_prompt_end_skips_the_tail_and_question_columns():
     assert end.to_mask().sum() > chunk.to_mask().sum()
 
 
-def test_a_request_the_sparse_path_fails_on_runs_dense_with_one_warning(monkeypatch):
+class OutOfResources(Exception):
+    """What Triton raises for a kernel the GPU cannot hold (its errors are no RuntimeError)."""
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+                                   OutOfResources("out of resource: shared memory (simulated)")])
+def test_a_request_the_sparse_path_fails_on_runs_dense_with_one_warning(monkeypatch, error):
     q, k, v, mask, kwargs = packed_call((300, 200), (300, 200))
 
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    def failing(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(per_request, "sparse_attention", out_of_memory)
+    monkeypatch.setattr(per_request, "sparse_attention", failing)
     attention, module = attention_module(TIGHT)
     forget_warnings()
-    with pytest.warns(SparsePrefillWarning, match="failed on.*OutOfMemoryError") as caught:
+    with pytest.warns(SparsePrefillWarning, match=f"failed on.*{type(error).__name__}") as caught:
         out, _ = attention(module, q, k, v, mask, scaling=0.25, **kwargs)
     assert len([w for w in caught if "failed on" in str(w.message)]) == 1
     dense = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25, is_causal=False)[0]
@@ -361,6 +367,20 @@ def test_packed_calls_the_sparse_path_cannot_read_go_to_the_engine_with_a_warnin
     finally:
         glue._ORIGINALS["sdpa"] = dense or sdpa_attention_forward
     assert len(calls) == 1 and calls[0].get("cu_seq_lens_q") is kwargs["cu_seq_lens_q"]
+
+
+def test_a_packed_call_the_glue_fails_on_gets_the_engines_answer_with_one_warning(monkeypatch):
+    """A fault of the serving glue itself (here: reading the lengths) must not stop the engine: the call gets the
+    engine's own attention, said once."""
+    q, k, v, mask, kwargs = packed_call((300, 200), (300, 200))
+    monkeypatch.setattr(packed, "read_packed", lambda *args: [][0])
+    attention, module = attention_module(TIGHT)
+    forget_warnings()
+    with pytest.warns(SparsePrefillWarning, match="packed call the sparse path failed on.*IndexError") as caught:
+        for _ in range(2):
+            out, _ = attention(module, q, k, v, mask, scaling=0.25, **kwargs)
+    assert len([w for w in caught if "failed on" in str(w.message)]) == 1
+    assert torch.equal(out, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25, is_causal=False)[0])
 
 
 class IndexedCache:
@@ -446,6 +466,21 @@ def test_an_engine_that_updates_its_cache_gets_a_call_with_no_long_request_untou
     module = attention_module(TIGHT)[1]
     assert packed.attend_packed(engine, module, q, k_new, v_new, mask, 0.0, 0.25, old, TIGHT) is None
     assert cache.updates == 0  # the engine's own function, called by the wrapper on None, makes the update
+
+
+@pytest.mark.parametrize("cache_class, engine", [(IndexedCache, paged_sdpa_before_5_19), (KwargsCache, sdpa_5_19)])
+def test_an_engine_that_updates_its_cache_gets_it_updated_once_when_the_glue_fails_after_the_update(
+        cache_class, engine, monkeypatch):
+    """A fault after the wrapper updated the cache: the engine's attention over the keys read back, no second
+    update (the engine's own function would write them again)."""
+    (q, k_new, v_new, mask, old), (k, v, kwargs), cache = cache_updating_call((300, 200), (300, 700), cache_class)
+    monkeypatch.setattr(packed, "read_packed", lambda *args: [][0])
+    module = attention_module(TIGHT)[1]
+    forget_warnings()
+    with pytest.warns(SparsePrefillWarning, match="failed on.*IndexError"):
+        out = packed.attend_packed(engine, module, q, k_new, v_new, mask, 0.0, 0.25, old, TIGHT)
+    assert cache.updates == 1
+    assert torch.equal(out, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25, is_causal=False)[0])
 
 
 def test_an_engine_that_updates_its_cache_has_its_requests_measured_by_the_keys_it_holds(sparse_calls, monkeypatch):

@@ -70,7 +70,16 @@ def _read(cu_q, cu_k, logits, q_len, k_len) -> tuple[PackedRequests | None, str 
 def attend_packed(dense: Callable, module, query, key, value, attention_mask, dropout, scaling, kwargs: dict,
                   config: SparsePrefillConfig) -> torch.Tensor | None:
     """The output [1, Tq, Hq, D] of a packed call with each request attended alone (module docstring), or None
-    when the whole call should go to the engine's `dense` function unchanged."""
+    when the whole call should go to the engine's `dense` function unchanged: also when this glue fails on the
+    call, which must not stop the engine (every request in flight would fail); it is said once."""
+    try:
+        return _attend_packed(dense, module, query, key, value, attention_mask, dropout, scaling, kwargs, config)
+    except Exception as err:
+        warn_dense(f"a packed call the sparse path failed on ({type(err).__name__}: {err})")
+        return None
+
+
+def _attend_packed(dense, module, query, key, value, attention_mask, dropout, scaling, kwargs, config):
     if kwargs.get("cache") is not None:
         return attend_updating_cache(dense, module, query, key, value, attention_mask, dropout, scaling, kwargs,
                                      config)
@@ -146,7 +155,7 @@ def attend_updating_cache(dense: Callable, module, query, key, value, attention_
     if isinstance(attention_mask, dict):
         attention_mask = attention_mask["full_attention"]
     out = attend_packed(dense_after, module, query, key, value, attention_mask, dropout, scaling, own, config)
-    if out is None:  # the cache holds this call's keys now: the engine's attention over them, here
+    if out is None:  # the cache holds this call's keys now (whatever failed): the engine's attention over them
         out = dense_after(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **own)[0]
     return out
 

@@ -55,11 +55,12 @@ class PackedRequests:
 def attend_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SparsePrefillConfig, *,
                  scale: float | None, softcap: float | None, last_chunk: bool) -> torch.Tensor | None:
     """One request's sparse attention q [1, Hq, Lq, D] over k/v [1, Hkv, Lk, D] -> [1, Hq, Lq, D], or None when
-    it failed (out of memory, say): the caller then runs the engine's attention for it. A failing request must
-    not stop the engine, which would fail every request in flight; it is said once."""
+    it failed (out of memory, a Triton kernel this GPU cannot compile or hold, ...): the caller then runs the
+    engine's attention for it. A failing request must not stop the engine, which would fail every request in
+    flight; it is said once."""
     try:
         return sparse_attention(q, k, v, config, scale=scale, softcap=softcap, last_chunk=last_chunk)
-    except (RuntimeError, ValueError) as err:
+    except Exception as err:  # Triton's errors are no RuntimeError
         warn_dense(f"a request the sparse path failed on ({type(err).__name__}: {err})")
         return None
 
