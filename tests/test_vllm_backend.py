@@ -167,13 +167,15 @@ def test_dense_requests_are_flash_attentions_own_and_long_ones_sparse(setup, mon
         assert not torch.allclose(out[qs:qe], dense[qs:qe], atol=1e-3)
 
 
-def test_a_request_the_sparse_path_fails_on_runs_flash_attention(setup, monkeypatch):
-    """A failure in the sparse path (out of memory, say) must not stop the engine: that request runs FlashAttention,
-    once said."""
+@pytest.mark.parametrize("where", ["sparse_prefill.patches.per_request.sparse_attention",
+                                   "sparse_prefill.patches.vllm.backend.gather_request_kv"])
+def test_a_request_the_sparse_path_fails_on_runs_flash_attention(setup, monkeypatch, where):
+    """A failure in the sparse path or in the copy of a request's keys out of the paged cache (out of memory, say)
+    must not stop the engine: that request runs FlashAttention, once said."""
     def fail(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr("sparse_prefill.patches.per_request.sparse_attention", fail)
+    monkeypatch.setattr(where, fail)
     common, cache, query = step(Q_LENS, SEQ_LENS, seed=2)
     metadata = builder().build(0, common)
     with pytest.warns(SparsePrefillWarning, match="out of memory"):

@@ -61,8 +61,13 @@ def attend_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Spar
     try:
         return sparse_attention(q, k, v, config, scale=scale, softcap=softcap, last_chunk=last_chunk)
     except Exception as err:  # Triton's errors are no RuntimeError
-        warn_dense(f"a request the sparse path failed on ({type(err).__name__}: {err})")
+        warn_failed(err)
         return None
+
+
+def warn_failed(err: Exception) -> None:
+    """Say once that a request the sparse path failed on (`err`) runs the engine's attention instead."""
+    warn_dense(f"a request the sparse path failed on ({type(err).__name__}: {err})")
 
 
 def warn_dense(reason: str) -> None:

@@ -37,7 +37,7 @@ from ...attention import warm_up_kernels
 from ...config import SparsePrefillConfig
 from ...kernels import triton_supports
 from ...notices import warn_once
-from ..per_request import attend_alone, check_proxy_heads, rank_config, warn_dense
+from ..per_request import attend_alone, check_proxy_heads, rank_config, warn_dense, warn_failed
 from . import ENV_WARM_UP, config_from_env, version_problem
 from .paged import StepRequests, gather_request_kv, read_step
 
@@ -96,7 +96,7 @@ def warm_up_engine(vllm_config, kv_cache_spec, device, config: SparsePrefillConf
     try:
         return warm_up_kernels(heads, kv_heads, head_size, max_len, config, dtype=dtype, device=device,
                                softcap=softcap)
-    except (RuntimeError, ValueError) as err:
+    except Exception as err:  # out of memory, a kernel this GPU cannot compile: serve all the same
         warn_once(f"sparse_prefill: the kernel warm-up failed ({type(err).__name__}: {err}); the first long "
                   "requests compile the kernels instead.")
         return 0
@@ -177,7 +177,12 @@ class SparsePrefillImpl(FlashAttentionImpl):
         for i in [i for i, on in enumerate(step.sparse) if on]:
             (qs, qe), (_, seq_len) = requests.q_bounds[i], requests.k_bounds[i]
             marks = _marks()
-            k, v = gather_request_kv(kv_cache, attn_metadata.block_table[i], seq_len)
+            try:
+                k, v = gather_request_kv(kv_cache, attn_metadata.block_table[i], seq_len)
+            except Exception as err:  # out of memory for a long request's copy, say: FlashAttention runs it
+                warn_failed(err)
+                step = step.without(i)
+                continue
             if marks:
                 marks[1].record()
             q = query[qs:qe].transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D], a view
