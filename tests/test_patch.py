@@ -37,6 +37,17 @@ def test_patched_model_matches_dense_and_unpatch_restores(family):
     assert torch.equal(logits(model), dense)
 
 
+def test_a_patched_model_switched_to_eager_by_its_user_is_patched_afresh_when_patched_again():
+    model = patch_model(tiny_model("llama"), TIGHT)
+    sparse = logits(model)
+    model.set_attn_implementation("eager")  # the user's choice after patching: plain eager, not sparse
+    patch_model(model, TIGHT)
+    assert model.config._attn_implementation == "sparse_prefill:eager"
+    assert torch.allclose(logits(model), sparse, atol=1e-5)
+    unpatch_model(model)
+    assert model.config._attn_implementation == "eager"
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_generate_and_decode_are_dense(family):
     model = tiny_model(family)

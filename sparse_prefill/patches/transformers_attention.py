@@ -253,13 +253,16 @@ def patch_model(model: torch.nn.Module, config: SparsePrefillConfig | None = Non
     _check_heads(attention_modules, model_config, config, tp_size=_tp_size(model))
 
     current = model_config._attn_implementation
-    previous = _PREVIOUS.get(model, current)  # patching again only replaces the config
+    # Patching again only replaces the config, under the name the model serves under now (one of ours, or one
+    # continuous batching moved it to); a name the user chose since is patched afresh.
+    serving = model in _PREVIOUS and (current.startswith(PREFIX) or current in _ORIGINALS)
+    previous = _PREVIOUS[model] if serving else current
     if previous not in _SUPPORTED_PREVIOUS and previous not in _WRAPPED_NAMES:  # "paged|sdpa": batching ran before
         raise ValueError(
             f"{type(model).__name__} uses attn_implementation={previous!r}; sparse_prefill falls back to 'sdpa', "
             "'eager' or flash attention. Call model.set_attn_implementation('sdpa') first.")
     name = _register(previous)
-    if name != current and model not in _PREVIOUS:  # a patched model keeps the name it serves under
+    if name != current and not serving:
         model.set_attn_implementation(name)
     _PREVIOUS[model] = previous
     for module in model.modules():
