@@ -28,6 +28,7 @@ engine, which would fail every request in flight.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -35,7 +36,7 @@ import torch
 
 from ..config import SparsePrefillConfig
 from .masks import remembered
-from .per_request import PackedRequests, attend_alone, too_short_for_sparse, warn_dense
+from .per_request import PackedRequests, attend_alone, too_short_for_sparse, warn_dense, warn_failed
 
 
 def read_packed(kwargs: dict, q_len: int, k_len: int) -> tuple[PackedRequests | None, str | None]:
@@ -75,7 +76,7 @@ def attend_packed(dense: Callable, module, query, key, value, attention_mask, dr
     try:
         return _attend_packed(dense, module, query, key, value, attention_mask, dropout, scaling, kwargs, config)
     except Exception as err:
-        warn_dense(f"a packed call the sparse path failed on ({type(err).__name__}: {err})")
+        warn_failed(err, "a packed call")
         return None
 
 
@@ -138,7 +139,7 @@ def attend_updating_cache(dense: Callable, module, query, key, value, attention_
                    "(transformers >= 5.24 hands the attention keys already read from its cache)")
         return None
     own = {name: item for name, item in kwargs.items() if name != "cache"}
-    flat = "kwargs" not in inspect.signature(update).parameters
+    flat = not _updates_kwargs(type(cache))
     if not flat:  # 5.19-5.23: `own` gets this layer's lengths in place
         key, value = update(key, value, module.layer_idx, kwargs=own)
     else:  # 5.0-5.18: keys [L, Hkv, D] read through per-layer-group indices; lengths keyed by layer type
@@ -158,6 +159,13 @@ def attend_updating_cache(dense: Callable, module, query, key, value, attention_
     if out is None:  # the cache holds this call's keys now (whatever failed): the engine's attention over them
         out = dense_after(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **own)[0]
     return out
+
+
+@functools.cache
+def _updates_kwargs(cache_type: type) -> bool:
+    """Whether this paged cache's `update` takes the call's kwargs (5.19-5.23) rather than read and write indices
+    (5.0-5.18): read once per cache type, not in every layer's call."""
+    return "kwargs" in inspect.signature(cache_type.update).parameters
 
 
 class _KeysReadBack:
