@@ -159,6 +159,24 @@ def test_a_reading_is_reused_until_the_mask_changes():
     assert reason is None and again.rows == ((0, 64), (20, 64))
 
 
+def test_a_reading_of_an_inference_mode_mask_expires_when_a_layer_reads_it_again():
+    """Tensors made under inference mode keep no version counter, so a buffer reused in place looks unchanged: a
+    reading is trusted by every layer of one forward and read again when a layer that read it asks again (the
+    next forward). Without a reader such a mask is never trusted twice."""
+    layers = [torch.nn.Linear(1, 1) for _ in range(2)]
+    with torch.inference_mode():
+        mask = padding_2d([(0, 64), (8, 64)], 64).clone()
+    first = read_mask(mask, 64, 64, "flash_attention_2", reader=layers[0])
+    assert read_mask(mask, 64, 64, "flash_attention_2", reader=layers[1]) is first  # same forward, next layer
+    with torch.inference_mode():
+        mask[1, :20] = False  # the next forward, the same buffer: row 1 starts at 20
+    again, reason = read_mask(mask, 64, 64, "flash_attention_2", reader=layers[0])
+    assert reason is None and again.rows == ((0, 64), (20, 64))
+    with torch.inference_mode():
+        mask[1, 8:20] = True
+    assert read_mask(mask, 64, 64, "flash_attention_2")[0].rows == ((0, 64), (8, 64))
+
+
 def test_flash_attention_glue_reads_2d_masks_row_by_row():
     """The flash path cannot run here; its glue up to the fallback can, with flash's 2-D padding mask."""
     name = _register("flash_attention_2")

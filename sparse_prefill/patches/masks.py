@@ -8,12 +8,14 @@ says how many keys are real so the sparse path can drop the rest.
 
 Reading a mask costs a few host synchronisations and a pass over [B, Lq, Lk]. The mask is the
 same tensor for every layer of one forward, so the answer is stored on the tensor itself (per
-query/key length and tensor version, `remembered`) and later layers pay nothing.
+query/key length, `remembered`) and later layers pay nothing; it expires when the tensor changes in
+place, or when a layer that read it already reads it again (the next forward over a reused buffer).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,27 +40,39 @@ class MaskReading:
     rows: tuple[tuple[int, int], ...] | None = None
 
 
-def read_mask(mask, q_len: int, k_len: int, previous: str) -> tuple[MaskReading | None, str | None]:
+def read_mask(mask, q_len: int, k_len: int, previous: str, reader=None) -> tuple[MaskReading | None, str | None]:
     """(MaskReading, None) when the mask is causal + padding, else (None, why not).
 
     Accepts what transformers hands the attention of `previous`: sdpa's bool masks [B, 1, Lq, Lk]
     (True = attend) or None, eager's float masks (0 = attend, dtype minimum = blocked) and flash
-    attention's 2-D padding masks [B, Lk] (1 = real token) or None.
+    attention's 2-D padding masks [B, Lk] (1 = real token) or None. `reader`: the calling layer
+    (`remembered`).
     """
     if mask is None:
         return _read_missing_mask(q_len, k_len, previous)
     if not isinstance(mask, torch.Tensor):
         return None, f"an attention mask of type {type(mask).__name__}"
     if mask.dim() == 2:
-        return remembered(mask, ("padding", k_len), lambda: _read_padding_mask(mask, k_len))
-    return remembered(mask, ("full", q_len, k_len), lambda: _read_full_mask(mask, q_len, k_len))
+        return remembered(mask, ("padding", k_len), lambda: _read_padding_mask(mask, k_len), reader)
+    return remembered(mask, ("full", q_len, k_len), lambda: _read_full_mask(mask, q_len, k_len), reader)
 
 
-def remembered(tensor: torch.Tensor, key, compute):
-    """`compute()`, stored on `tensor` under `key` until the tensor changes in place.
+@dataclass
+class _Remembered:
+    version: int | None
+    result: object
+    readers: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+
+
+def remembered(tensor: torch.Tensor, key, compute, reader=None):
+    """`compute()`, stored on `tensor` under `key` while it can be trusted.
 
     What a model hands every layer of one forward (a mask, the packed sequence lengths) is one tensor object,
-    so the first layer reads it to the host and the others reuse the answer.
+    so the first layer reads it to the host and the others reuse the answer. The answer expires when the tensor
+    changes in place (its version counter moves) or when `reader` (the calling layer) has read it before: a
+    layer reads once per forward, so that is the next forward, which may have rewritten a reused buffer in a way
+    no counter shows (tensors made under `torch.inference_mode` keep none, and engines reuse their buffers).
+    Without a reader, a tensor with no version counter is never trusted twice.
     """
     version = _version(tensor)
     readings = getattr(tensor, _CACHE_ATTRIBUTE, None)
@@ -66,17 +80,19 @@ def remembered(tensor: torch.Tensor, key, compute):
         readings = {}
         setattr(tensor, _CACHE_ATTRIBUTE, readings)
     seen = readings.get(key)
-    if seen is not None and seen[0] == version:
-        return seen[1]
-    result = compute()
-    readings[key] = (version, result)
-    return result
+    fresh = seen is not None and seen.version == version and (
+        reader not in seen.readers if reader is not None else version is not None)
+    if not fresh:
+        seen = readings[key] = _Remembered(version, compute())
+    if reader is not None:
+        seen.readers.add(reader)
+    return seen.result
 
 
 def _version(tensor: torch.Tensor) -> int | None:
     try:
         return tensor._version
-    except RuntimeError:  # inference-mode tensors keep no version counter (and transformers builds masks anew)
+    except RuntimeError:  # inference-mode tensors keep no version counter
         return None
 
 
