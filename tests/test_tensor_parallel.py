@@ -226,11 +226,11 @@ def test_patch_time_checks_count_the_whole_layer_however_transformers_records_th
 def test_the_warm_up_compiles_for_the_heads_a_rank_attends(dtensor, monkeypatch):
     """Each rank's attention sees its 2 of the 4 query heads and 1 of the 2 KV heads: the warm-up runs that, not
     the whole layer (which would cost each rank twice the work and memory at start)."""
-    from sparse_prefill.patches import transformers_attention
+    from sparse_prefill.patches import per_request, transformers_attention
 
-    monkeypatch.setattr(transformers_attention, "triton_supports", lambda q, block_size: None)  # as on a GPU
+    monkeypatch.setattr(per_request, "triton_supports", lambda q, block_size: None)  # as on a GPU
     asked = []
-    monkeypatch.setattr(transformers_attention, "warm_up_kernels", lambda *args, **kw: asked.append(args[:2]) or 1)
+    monkeypatch.setattr(per_request, "warm_up_kernels", lambda *args, **kw: asked.append(args[:2]) or 1)
     model = patch_model(rank_share(tiny_model("llama"), dtensor=dtensor), CONFIG.replace(backend="auto"))
     try:
         assert transformers_attention.warm_up(model, max_len=1024) == 1 and asked == [(2, 1)]

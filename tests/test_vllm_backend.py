@@ -30,6 +30,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 from vllm.v1.attention.backends import flash_attn  # noqa: E402
 
 from sparse_prefill import SparsePrefillWarning, sparse_attention  # noqa: E402
+from sparse_prefill.patches import per_request  # noqa: E402
 from sparse_prefill.patches import vllm as plugin  # noqa: E402
 from sparse_prefill.patches.vllm import backend  # noqa: E402
 
@@ -111,8 +112,7 @@ def impl(**kwargs):
 
 LAYER = types.SimpleNamespace(_q_scale=torch.ones(1), _k_scale=torch.ones(1), _v_scale=torch.ones(1),
                               layer_name="model.layers.0.self_attn.attn")
-# decode, a long prompt's middle chunk, a short prompt and a decode (one FlashAttention run of two requests), a
-# long prompt whole, a padded (empty) request
+# decode, a long prompt's middle chunk, a short prompt and a decode, a long prompt whole, a padded (empty) request
 Q_LENS, SEQ_LENS = [1, 192, 40, 1, 320, 0], [300, 520, 40, 260, 320, 16]
 EDGES = torch.tensor([0, *Q_LENS]).cumsum(0).tolist()
 BOUNDS = list(zip(EDGES[:-1], EDGES[1:], strict=True))
@@ -132,13 +132,13 @@ def flash_only(metadata, cache, query):
 
 
 def test_split_step_equals_flash_attention_at_gamma_1(setup, monkeypatch):
-    """Rule: with gamma=1 the sparse path is exact, so a step split between it (the two long requests) and
-    FlashAttention on sub-batches (decode, short prompt) equals FlashAttention over the whole step."""
+    """Rule: with gamma=1 the sparse path is exact, so a step split between it (the two long requests) and one
+    FlashAttention call over the rest (the long requests' key counts zeroed) equals FlashAttention over the step."""
     monkeypatch.setenv("SPARSE_PREFILL_CONFIG", CONFIG + ",gamma=1.0")
     common, cache, query = step(Q_LENS, SEQ_LENS)
     metadata = builder().build(0, common)
     assert metadata.step.sparse == (False, True, False, False, True, False)
-    assert metadata.step.dense_runs() == [(0, 1), (2, 4)]
+    assert metadata.step.dense_seq_lens.tolist() == [300, 0, 40, 260, 0, 16]  # the long requests' keys zeroed
     out, dense = run(impl(), metadata, cache, query), flash_only(metadata, cache, query)
     torch.testing.assert_close(out[:TOKENS], dense[:TOKENS], rtol=1e-5, atol=1e-5)
 
@@ -304,9 +304,9 @@ def test_the_builder_warms_the_kernels_up_once_for_the_engines_context(monkeypat
     $SPARSE_PREFILL_WARM_UP sets the length (0: none)."""
     monkeypatch.setenv("SPARSE_PREFILL_CONFIG", "proxy_heads=2")
     monkeypatch.setattr(backend, "_WARMED", set())
-    monkeypatch.setattr(backend, "triton_supports", lambda q, block_size: None)  # as on a GPU
+    monkeypatch.setattr(per_request, "triton_supports", lambda q, block_size: None)  # as on a GPU
     calls = []
-    monkeypatch.setattr(backend, "warm_up_kernels", lambda *args, **kw: calls.append((args, kw)) or 7)
+    monkeypatch.setattr(per_request, "warm_up_kernels", lambda *args, **kw: calls.append((args, kw)) or 7)
     spec = types.SimpleNamespace(num_kv_heads=1, head_size=64, dtype=torch.bfloat16)
     config = plugin.config_from_env()
     assert backend.warm_up_engine(engine_config(tp=2), spec, torch.device("cpu"), config) == 7
@@ -326,12 +326,12 @@ def test_the_builder_warms_the_kernels_up_once_for_the_engines_context(monkeypat
 
 def test_a_failed_warm_up_is_said_and_the_engine_goes_on(monkeypatch):
     monkeypatch.setattr(backend, "_WARMED", set())
-    monkeypatch.setattr(backend, "triton_supports", lambda q, block_size: None)
+    monkeypatch.setattr(per_request, "triton_supports", lambda q, block_size: None)
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(backend, "warm_up_kernels", out_of_memory)
+    monkeypatch.setattr(per_request, "warm_up_kernels", out_of_memory)
     spec = types.SimpleNamespace(num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
     with pytest.warns(SparsePrefillWarning, match="warm-up failed"):
         assert backend.warm_up_engine(engine_config(), spec, torch.device("cpu"), plugin.config_from_env()) == 0

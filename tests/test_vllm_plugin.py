@@ -110,18 +110,18 @@ def test_read_step_is_none_when_no_request_is_long_or_the_batch_is_not_causal():
     assert read_step(query_start_loc([300]), torch.tensor([280]), 1, 300, 280, CFG) is None
 
 
-def test_dense_runs_are_maximal_runs_of_requests_with_queries():
-    """Rule: FlashAttention gets one call per run of consecutive requests that stay dense; runs with no query
-    (vLLM's padded requests) are skipped; a request the sparse path failed on joins its neighbours' run."""
+def test_a_step_names_its_sparse_requests_and_whether_flash_attention_has_work():
+    """Rule: the sparse requests are named once per step; FlashAttention runs (one call, the sparse requests' keys
+    zeroed) only when some other request has queries (vLLM's padded requests have none)."""
     q_lens = [1, 1, 500, 20, 0, 500, 0, 0]
     edges = query_start_loc(q_lens).tolist()
     bounds = tuple(zip(edges[:-1], edges[1:], strict=True))
     requests = PackedRequests(bounds, tuple((0, 600) for _ in q_lens), (True,) * 8)
     step = StepRequests(requests, requests.sparse(CFG))
     assert step.sparse == (False, False, True, False, False, True, False, False)
-    assert step.dense_runs() == [(0, 2), (3, 5)]  # (6, 8) holds no query
-    assert step.without(2).dense_runs() == [(0, 5)]
-    assert step.without(2).without(5).sparse == (False,) * 8
+    assert step.sparse_indices == (2, 5) and step.any_dense
+    only_long = PackedRequests(bounds[2:3] + bounds[4:5], ((0, 600), (0, 16)), (True, True))
+    assert not StepRequests(only_long, only_long.sparse(CFG)).any_dense  # the padded request has no query
 
 
 def test_prefix_cache_hit_counts_cached_keys():

@@ -1,10 +1,15 @@
-"""One request at a time, whatever the engine: the pieces every serving glue shares.
+"""One request at a time, whatever the engine: the rules and pieces every glue shares.
 
 Serving engines (transformers' continuous batching, vLLM) hand the attention several requests at once. The
 library's answer is the same for all of them: each request long enough for the sparse path is selected and
 attended as its own sequence by `sparse_attention` (the one core), every other request runs the engine's own
-attention. The engine glue (`packed.py`, `vllm/`) reads its engine's metadata into `PackedRequests` and uses
-what is here; nothing in this module knows an engine.
+attention. The engine glue (`transformers_attention.py`, `packed.py`, `vllm/`) reads its engine's metadata into
+`PackedRequests` and asks the questions here; nothing in this module knows an engine.
+
+The rules, each stated once for every engine:
+- `call_reason`: may this attention call go sparse at all, and if not, why (a reason string, or None);
+- `PackedRequests.sparse` (`goes_sparse`): which of its requests do;
+- `warm_up_layer`: which kernel variants a layer's prompts will need, compiled once per shape.
 
 Tensor parallelism puts a slice of each layer's heads on every GPU: `rank_config` gives the config a slice
 runs with, `check_proxy_heads` refuses up front a `proxy_heads` that a slice cannot run.
@@ -16,15 +21,55 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import sparse_attention
+from ..attention import sparse_attention, warm_up_kernels
 from ..config import SparsePrefillConfig
+from ..kernels import triton_supports
 from ..notices import warn_once
 from ..selection.estimate import num_proxies
+
+WINDOWED = "sliding-window layers (they keep their exact windowed attention)"
 
 
 def too_short_for_sparse(q_len: int, k_len: int, config: SparsePrefillConfig) -> bool:
     """Decode steps and prompts below the length threshold stay dense (the selection would not pay)."""
     return q_len < config.block_size or k_len < config.effective_min_seq_len
+
+
+def goes_sparse(q_len: int, k_len: int, config: SparsePrefillConfig, window: int | None = None) -> bool:
+    """Whether one request (q_len queries, the last of its k_len keys) takes the sparse path: a block of queries,
+    at least `min_seq_len` keys, and, in a sliding-window layer, no key outside the window (a window of at least
+    k_len keys hides none of them, so that request's attention is plain causal attention)."""
+    return not too_short_for_sparse(q_len, k_len, config) and (window is None or k_len <= window)
+
+
+def capturing(query: torch.Tensor) -> bool:
+    """Whether this CUDA query's stream is being captured into a CUDA graph."""
+    return query.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def call_reason(query: torch.Tensor, config: SparsePrefillConfig, *, not_causal: str | None = None,
+                window: int | None = None, max_keys: int | None = None, lacks: tuple[str, ...] = ()) -> str | None:
+    """Why no request of this attention call may go sparse, or None: the one rule every engine asks.
+
+    `not_causal`: what the call is when it is not causal self-attention (None: it is); `window`: the layer's sliding
+    window in keys (None: none), which rules the call out unless it holds at most `window` keys in all
+    (`max_keys`; None: unknown, so a windowed call is ruled out; per request: `goes_sparse`); `lacks`: what the
+    call uses that the sparse path does not do, named for the user (the first is said). A call being captured
+    into a CUDA graph cannot go sparse (the selection reads request lengths on the host), nor can a query the
+    Triton kernels do not take where the backend is theirs to pick.
+    """
+    if not_causal is not None:
+        return not_causal
+    if window is not None and (max_keys is None or max_keys > window):
+        return WINDOWED
+    if lacks:
+        return lacks[0]
+    if capturing(query):
+        return ("a prefill captured in a CUDA graph (selection reads the request lengths on the host); turn graphs "
+                "off for the prefill path, e.g. ContinuousBatchingConfig(use_cuda_graph=(False, True))")
+    if query.is_cuda and config.backend == "auto":
+        return triton_supports(query, config.block_size)
+    return None
 
 
 @dataclass(frozen=True)
@@ -42,13 +87,14 @@ class PackedRequests:
     k_bounds: tuple[tuple[int, int], ...]
     last_chunk: tuple[bool, ...]
 
-    def sparse(self, config: SparsePrefillConfig) -> tuple[bool, ...]:
-        """Which requests take the sparse path: those with a block of queries and at least `min_seq_len` keys.
+    def sparse(self, config: SparsePrefillConfig, window: int | None = None) -> tuple[bool, ...]:
+        """Which requests take the sparse path (`goes_sparse`): a block of queries, at least `min_seq_len` keys,
+        and in a windowed layer no more keys than the window.
 
         The keys count what the cache already held, so a prefill chunk after a prefix-cache hit (few new
         queries over a long cached prefix) goes sparse when it has a block of queries, like any later chunk.
         """
-        return tuple(not too_short_for_sparse(qe - qs, ke - ks, config)
+        return tuple(goes_sparse(qe - qs, ke - ks, config, window)
                      for (qs, qe), (ks, ke) in zip(self.q_bounds, self.k_bounds, strict=True))
 
 
@@ -95,3 +141,17 @@ def check_proxy_heads(config: SparsePrefillConfig, q_heads: int, kv_heads: int, 
             raise ValueError(f"proxy_heads={config.proxy_heads} pools heads that tensor parallelism puts "
                              f"on {shards} GPUs: use \"q\", \"kv\" or a multiple of {shards}")
         num_proxies(q_heads // shards, kv_heads // shards, config.proxy_heads // shards)
+
+
+def warm_up_layer(q_heads: int, kv_heads: int, head_dim: int, max_len: int, config: SparsePrefillConfig, *,
+                  dtype: torch.dtype, device, softcap: float | None, done: set) -> int:
+    """Compile the kernel variants one layer's prompts of up to `max_len` keys need (`attention.warm_up_kernels`),
+    unless a layer of the same shape was warmed up already (`done` holds the shapes seen; this adds to it) or the
+    layer runs no Triton kernel (backend "torch", a dtype, head_dim or device the kernels do not take). `q_heads`
+    and `kv_heads` are the heads this GPU attends (its share under tensor parallelism). Returns the calls made."""
+    probe = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=device)
+    shape = (q_heads, kv_heads, head_dim, dtype, str(device), config, softcap, max_len)
+    if max_len <= 0 or shape in done or config.backend == "torch" or triton_supports(probe, config.block_size):
+        return 0
+    done.add(shape)
+    return warm_up_kernels(q_heads, kv_heads, head_dim, max_len, config, dtype=dtype, device=device, softcap=softcap)

@@ -36,14 +36,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..attention import sparse_attention, warm_up_kernels
+from ..attention import sparse_attention
 from ..config import SparsePrefillConfig, as_config
-from ..kernels import triton_supports
 from ..notices import forget_warnings
 from .masks import MaskReading, read_mask
-from .packed import attend_packed
+from .packed import EngineCall, attend_packed
 from .padded_rows import attend_rows_alone
-from .per_request import check_proxy_heads, rank_config, too_short_for_sparse, warn_dense
+from .per_request import call_reason, check_proxy_heads, rank_config, too_short_for_sparse, warm_up_layer, warn_dense
 
 try:  # where transformers >= 5 collects `output_attentions` through hooks
     from transformers.utils.output_capturing import _active_collector as _ACTIVE_COLLECTOR
@@ -80,43 +79,47 @@ def _previous_attention(previous: str, module: torch.nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[previous]
 
 
-def _call_reason(module, query, key, value, dropout, kwargs, causal: bool) -> str | None:
-    """Why no sparse path can serve this call (either calling convention: padded or packed), or None."""
-    if not causal:
-        return f"non-causal attention in {type(module).__name__}"
-    window = kwargs.get("sliding_window")
-    if window is not None and window < key.shape[2]:
-        return "sliding-window layers (they keep their exact windowed attention)"
+_PACKED_ARGUMENTS = ("cu_seq_lens_q", "cu_seq_lens_k", "block_table")  # continuous batching's, in an unpacked call
+
+
+def _call_reason(module, query, key, value, dropout, kwargs, config, *, packed: bool) -> str | None:
+    """Why no request of this call may go sparse (`per_request.call_reason`, the rule every engine asks), or None.
+    A packed call's requests meet the sliding window one by one (`PackedRequests.sparse`); an unpacked call holds
+    one sequence per row, whose keys are all the call's."""
+    is_causal = kwargs.get("is_causal")
+    if packed or is_causal is None:  # continuous batching passes is_causal=False with its block-diagonal mask
+        is_causal = getattr(module, "is_causal", True)
+    window = None if packed else kwargs.get("sliding_window")
+    not_causal = None if is_causal else f"non-causal attention in {type(module).__name__}"
+    return call_reason(query, config, not_causal=not_causal, window=window,
+                       max_keys=key.shape[2], lacks=_lacks(module, query, key, value, dropout, kwargs, packed))
+
+
+def _lacks(module, query, key, value, dropout, kwargs, packed: bool) -> tuple[str, ...]:
+    """What this transformers call uses that the sparse path does not do, named for the user."""
+    lacks = []
     if kwargs.get("output_attentions") or _recording_attentions(module):
-        return "output_attentions=True (the sparse path computes no attention weights)"
+        lacks.append("output_attentions=True (the sparse path computes no attention weights)")
     if dropout and module.training:
-        return "attention dropout in training mode"
+        lacks.append("attention dropout in training mode")
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return "calls that need gradients (the sparse path is forward-only: run inference under torch.no_grad())"
-    for name in ("s_aux", "sinks", "position_bias", "head_mask"):
-        if kwargs.get(name) is not None:
-            return f"`{name}` (not supported by the sparse path)"
+        lacks.append("calls that need gradients (the sparse path is forward-only: run inference under "
+                     "torch.no_grad())")
+    arguments = ("s_aux", "sinks", "position_bias", "head_mask") + (() if packed else _PACKED_ARGUMENTS)
+    lacks += [f"`{name}` (not supported by the sparse path)" for name in arguments if kwargs.get(name) is not None]
     if value.shape != key.shape:
-        return f"values of head_dim {value.shape[-1]} with keys of head_dim {key.shape[-1]}"
-    return None
+        lacks.append(f"values of head_dim {value.shape[-1]} with keys of head_dim {key.shape[-1]}")
+    return tuple(lacks)
 
 
 def _dense_reason(previous, module, query, key, value, attention_mask, dropout, kwargs,
                   config) -> tuple[str | None, bool]:
     """(why this unpacked call must be dense, whether to warn), or (None, _) when the sparse path may run."""
-    is_causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    reason = _call_reason(module, query, key, value, dropout, kwargs, causal)
-    if reason is not None:
-        return reason, True
-    for name in ("cu_seq_lens_q", "cu_seq_lens_k", "block_table"):
-        if kwargs.get(name) is not None:
-            return f"`{name}` (not supported by the sparse path)", True
-    if previous.startswith("flash") and attention_mask is None and _packed_positions(kwargs.get("position_ids")):
-        return "packed sequences (position_ids restart inside the batch)", True
-    if query.is_cuda and config.backend == "auto":
-        return triton_supports(query, config.block_size), True
-    return None, False
+    reason = _call_reason(module, query, key, value, dropout, kwargs, config, packed=False)
+    if reason is None and previous.startswith("flash") and attention_mask is None and _packed_positions(
+            kwargs.get("position_ids")):
+        reason = "packed sequences (position_ids restart inside the batch)"
+    return reason, reason is not None
 
 
 def _recording_attentions(module) -> bool:
@@ -162,14 +165,13 @@ def _sparse_prefill(previous, module, query, key, value, attention_mask, dropout
     softcap = kwargs.get("softcap")
     config = _rank_config(module, query.shape[1], config)
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cache") is not None:  # continuous batching
-        reason = _call_reason(module, query, key, value, dropout, kwargs, getattr(module, "is_causal", True))
-        if reason is None and query.is_cuda and config.backend == "auto":
-            reason = triton_supports(query, config.block_size)
+        reason = _call_reason(module, query, key, value, dropout, kwargs, config, packed=True)
         if reason is not None:
             warn_dense(reason)
             return None
-        dense = _previous_attention(previous, module)
-        return attend_packed(dense, module, query, key, value, attention_mask, dropout, scaling, kwargs, config)
+        call = EngineCall(_previous_attention(previous, module), module, query, key, value, attention_mask, dropout,
+                          scaling, kwargs)
+        return attend_packed(call, config)
     reading = _plan_sparse(previous, module, query, key, value, attention_mask, dropout, kwargs, config)
     if reading is None:
         return None
@@ -186,7 +188,7 @@ def _plan_sparse(previous, module, query, key, value, attention_mask, dropout, k
     reason, loud = _dense_reason(previous, module, query, key, value, attention_mask, dropout, kwargs, config)
     reading = None
     if reason is None:
-        reading, reason = read_mask(attention_mask, query.shape[2], key.shape[2], previous)
+        reading, reason = read_mask(attention_mask, query.shape[2], key.shape[2], previous, reader=module)
         loud = True
     if reason is None and too_short_for_sparse(query.shape[2], reading.num_keys, config):
         reason, loud = "decode or a short prompt", False  # a static cache's prompt shorter than the threshold
@@ -314,16 +316,10 @@ def warm_up(model: torch.nn.Module, max_len: int | None = None) -> int:
         heads, head_dim = _layer_heads(module, model.config, tp_size), getattr(module, "head_dim", None)
         if heads is None or not head_dim:
             continue
-        counts = heads[0] // heads[2], max(1, heads[1] // heads[2])  # this GPU's share under tensor parallelism
-        weight = q_proj.weight
-        probe = weight.new_empty(1, 1, 1, head_dim)
-        softcap = getattr(module, "attn_logit_softcapping", None)
-        shape = (*counts, head_dim, weight.dtype, weight.device, config, softcap)
-        if shape in done or config.backend == "torch" or triton_supports(probe, config.block_size):
-            continue
-        done.add(shape)
-        calls += warm_up_kernels(*counts, head_dim, max_len, config, dtype=weight.dtype, device=weight.device,
-                                 softcap=softcap)
+        q_heads, kv_heads = heads[0] // heads[2], max(1, heads[1] // heads[2])  # this GPU's share under TP
+        calls += warm_up_layer(q_heads, kv_heads, head_dim, max_len, config, dtype=q_proj.weight.dtype,
+                               device=q_proj.weight.device, softcap=getattr(module, "attn_logit_softcapping", None),
+                               done=done)
     return calls
 
 

@@ -7,10 +7,11 @@ Three subclasses add the rest:
 
 - the builder reads, once per step, which requests go sparse (`paged.read_step`, from vLLM's host copies of
   the query offsets and sequence lengths: no GPU synchronisation) and keeps it on the metadata;
-- the impl's forward attends those requests one by one: keys and values gathered from the paged cache through
-  the request's block-table row (`paged.gather_request_kv`), selection and kernel by `sparse_attention`; the
-  other requests go to FlashAttention's own forward on sub-batches of the step's metadata, one call per run of
-  consecutive requests (the queries of a run are contiguous, so nothing is copied);
+- the impl's forward runs FlashAttention's own forward ONCE over the whole step with the sparse requests' key
+  counts set to 0 (the builder made those lengths once per step: `StepRequests.dense_seq_lens`), which attends
+  every other request and only zeroes the sparse requests' rows; then it attends the sparse requests one by one:
+  keys and values gathered from the paged cache through the request's block-table row
+  (`paged.gather_request_kv`), selection and kernel by `sparse_attention`, written over their rows;
 - the backend names the two and calls itself "CUSTOM".
 
 The builder also warms the kernels up for prompts up to max_model_len when it is made (`warm_up_engine`), so
@@ -33,11 +34,18 @@ import os
 import torch
 import vllm
 
-from ...attention import warm_up_kernels
 from ...config import SparsePrefillConfig
-from ...kernels import triton_supports
 from ...notices import warn_once
-from ..per_request import attend_alone, check_proxy_heads, rank_config, warn_dense, warn_failed
+from ..per_request import (
+    attend_alone,
+    call_reason,
+    capturing,
+    check_proxy_heads,
+    rank_config,
+    warm_up_layer,
+    warn_dense,
+    warn_failed,
+)
 from . import ENV_WARM_UP, config_from_env, version_problem
 from .paged import StepRequests, gather_request_kv, read_step
 
@@ -59,6 +67,8 @@ except ImportError as err:  # a supported version that lacks what it should have
     raise RuntimeError(f"sparse_prefill's vLLM backend cannot import vLLM's FlashAttention backend ({err}); "
                        f"vLLM {vllm.__version__} is not laid out as the supported versions are.") from err
 
+_CPU_PROBE = torch.empty(0)  # `call_reason` on what a layer is, before any query: no device question asked
+
 # When a list, each sparse request appends {"layer", "queries", "keys", "gather_ms", "attend_ms"} (CUDA events,
 # synchronised per request: for measuring only; bench/bench_vllm.py sets it in an engine of its own).
 TIMINGS: list[dict] | None = None
@@ -71,12 +81,12 @@ class SparsePrefillMetadata(FlashAttentionMetadata):
     step: StepRequests | None = None
 
 
-_WARMED: set[tuple] = set()
+_WARMED: set[tuple] = set()  # shapes warmed up in this process (`per_request.warm_up_layer`)
 
 
 def warm_up_engine(vllm_config, kv_cache_spec, device, config: SparsePrefillConfig) -> int:
     """Compile the sparse path's kernels for prompts up to the engine's max_model_len before its first request
-    (`attention.warm_up_kernels`): builders are made once the KV cache exists, before vLLM's own warm-up and graph
+    (`per_request.warm_up_layer`): builders are made once the KV cache exists, before vLLM's own warm-up and graph
     capture. $SPARSE_PREFILL_WARM_UP sets another length (0: none). Once per process and shape; a failure is
     said once and the first long requests compile instead. Returns the number of sparse calls made."""
     length = os.environ.get(ENV_WARM_UP, "").strip()
@@ -86,16 +96,9 @@ def warm_up_engine(vllm_config, kv_cache_spec, device, config: SparsePrefillConf
     heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
     config = rank_config(config, heads, heads * vllm_config.parallel_config.tensor_parallel_size)
     softcap = getattr(vllm_config.model_config.hf_text_config, "attn_logit_softcapping", None)
-    kv_heads, head_size, dtype = kv_cache_spec.num_kv_heads, kv_cache_spec.head_size, kv_cache_spec.dtype
-    key = (heads, kv_heads, head_size, dtype, str(device), config, softcap, max_len)
-    if max_len <= 0 or key in _WARMED or config.backend == "torch":
-        return 0
-    if triton_supports(torch.empty(1, 1, 1, head_size, dtype=dtype, device=device), config.block_size) is not None:
-        return 0  # these layers run FlashAttention: nothing to compile
-    _WARMED.add(key)
     try:
-        return warm_up_kernels(heads, kv_heads, head_size, max_len, config, dtype=dtype, device=device,
-                               softcap=softcap)
+        return warm_up_layer(heads, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size, max_len, config,
+                             dtype=kv_cache_spec.dtype, device=device, softcap=softcap, done=_WARMED)
     except Exception as err:  # out of memory, a kernel this GPU cannot compile: serve all the same
         warn_once(f"sparse_prefill: the kernel warm-up failed ({type(err).__name__}: {err}); the first long "
                   "requests compile the kernels instead.")
@@ -126,6 +129,9 @@ class SparsePrefillMetadataBuilder(FlashAttentionMetadataBuilder):
                 seq_lens = common._seq_lens_cpu  # vLLM's own host copy, when it kept one
             step = read_step(common.query_start_loc_cpu, seq_lens, common.num_reqs, common.max_query_len,
                              common.max_seq_len, self.sparse_config)
+        if step is not None and step.any_dense:  # once per step: the lengths FlashAttention runs the rest with
+            sparse = torch.tensor(step.sparse_indices, dtype=torch.long).to(metadata.seq_lens.device, non_blocking=True)
+            step = dataclasses.replace(step, dense_seq_lens=metadata.seq_lens.index_fill(0, sparse, 0))
         return SparsePrefillMetadata(**fields, step=step)
 
     def use_cascade_attention(self, common_prefix_len, query_lens, *args, **kwargs) -> bool:
@@ -150,21 +156,19 @@ class SparsePrefillImpl(FlashAttentionImpl):
             warn_dense(self.dense_reason)
 
     def _layer_reason(self) -> str | None:
-        """Why this layer always runs FlashAttention, or None."""
-        if self.attn_type != AttentionType.DECODER:
-            kind = getattr(self.attn_type, "value", self.attn_type)
-            return f"{kind} attention (the sparse path is causal self-attention)"
-        if tuple(self.sliding_window) != (-1, -1):
-            return "sliding-window layers (they keep their exact windowed attention)"
-        if self.alibi_slopes is not None:
-            return "ALiBi layers"
-        if self.sinks is not None:
-            return "attention sinks (not supported by the sparse path)"
-        if is_quantized_kv_cache(self.kv_cache_dtype):
-            return f"a {self.kv_cache_dtype} KV cache (the sparse path reads fp16/bf16 caches)"
-        if self.dcp_world_size > 1:
-            return "decode context parallelism (each rank holds part of every request's keys)"
-        return None
+        """Why this layer always runs FlashAttention (`per_request.call_reason` on what the layer is), or None."""
+        lacks = [name for name, present in (
+            ("ALiBi layers", self.alibi_slopes is not None),
+            ("attention sinks (not supported by the sparse path)", self.sinks is not None),
+            (f"a {self.kv_cache_dtype} KV cache (the sparse path reads fp16/bf16 caches)",
+             is_quantized_kv_cache(self.kv_cache_dtype)),
+            ("decode context parallelism (each rank holds part of every request's keys)", self.dcp_world_size > 1),
+        ) if present]
+        window = None if tuple(self.sliding_window) == (-1, -1) else self.sliding_window[0] + 1
+        kind = getattr(self.attn_type, "value", self.attn_type)
+        not_causal = None if self.attn_type == AttentionType.DECODER else (
+            f"{kind} attention (the sparse path is causal self-attention)")
+        return call_reason(_CPU_PROBE, self.sparse_config, not_causal=not_causal, window=window, lacks=tuple(lacks))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -173,51 +177,50 @@ class SparsePrefillImpl(FlashAttentionImpl):
                 or output_block_scale is not None or not self._step_fits(query, attn_metadata)):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
+        if step.dense_seq_lens is not None:  # every other request in one call; the sparse rows are overwritten below
+            whole = dataclasses.replace(attn_metadata, seq_lens=step.dense_seq_lens, scheduler_metadata=None, step=None)
+            FlashAttentionImpl.forward(self, layer, query, key, value, kv_cache, whole, output)
         requests = step.requests
-        for i in [i for i, on in enumerate(step.sparse) if on]:
+        for i in step.sparse_indices:
             (qs, qe), (_, seq_len) = requests.q_bounds[i], requests.k_bounds[i]
             marks = _marks()
             try:
                 k, v = gather_request_kv(kv_cache, attn_metadata.block_table[i], seq_len)
+                if marks:
+                    marks[1].record()
             except Exception as err:  # out of memory for a long request's copy, say: FlashAttention runs it
                 warn_failed(err)
-                step = step.without(i)
-                continue
-            if marks:
-                marks[1].record()
-            q = query[qs:qe].transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D], a view
-            out = attend_alone(q, k, v, self.sparse_config, scale=self.scale, softcap=self.logits_soft_cap or None,
-                               last_chunk=requests.last_chunk[i])
-            if out is None:  # it failed (out of memory, say): FlashAttention runs it below
-                step = step.without(i)
+                out = None
+            else:
+                q = query[qs:qe].transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D], a view
+                out = attend_alone(q, k, v, self.sparse_config, scale=self.scale,
+                                   softcap=self.logits_soft_cap or None, last_chunk=requests.last_chunk[i])
+            if out is None:  # it failed (out of memory, say): FlashAttention runs it alone
+                self._flash_attention_on(layer, query, key, value, kv_cache, attn_metadata, output, step, i)
                 continue
             output[qs:qe].copy_(out[0].transpose(0, 1))
             _record(marks, layer, qe - qs, seq_len)
-        for first, end in step.dense_runs():
-            self._flash_attention_on(layer, query, key, value, kv_cache, attn_metadata, output, step, first, end)
         return output
 
     def _step_fits(self, query, metadata) -> bool:
         """Whether this call can split its step (else FlashAttention runs all of it), saying why once if not."""
         if metadata.use_cascade or metadata.causal is not True or metadata.mm_prefix_range_tensor is not None:
-            return False
-        if query.is_cuda and torch.cuda.is_current_stream_capturing():
-            return False
-        reason = triton_supports(query, self.sparse_config.block_size) if self.sparse_config.backend == "auto" else None
+            return False  # features of a step, not of the layer: FlashAttention's, silently
+        reason = call_reason(query, self.sparse_config)  # a CUDA graph being captured, a query Triton cannot take
         if reason is not None:
-            warn_dense(reason)
+            if not capturing(query):
+                warn_dense(reason)
             return False
         return True
 
     def _flash_attention_on(self, layer, query, key, value, kv_cache, metadata, output, step: StepRequests,
-                            first: int, end: int) -> None:
-        """FlashAttention's forward on requests [first, end) alone: their metadata rows and their query rows."""
-        bounds = step.requests.q_bounds[first:end]
-        start, stop = bounds[0][0], bounds[-1][1]
+                            i: int) -> None:
+        """FlashAttention's forward on request i alone (one the sparse path failed on): its metadata and query rows."""
+        start, stop = step.requests.q_bounds[i]
         sub = dataclasses.replace(
-            metadata, num_actual_tokens=stop - start, max_query_len=max(qe - qs for qs, qe in bounds),
-            query_start_loc=metadata.query_start_loc[first:end + 1] - start, seq_lens=metadata.seq_lens[first:end],
-            block_table=metadata.block_table[first:end], scheduler_metadata=None, step=None)
+            metadata, num_actual_tokens=stop - start, max_query_len=stop - start,
+            query_start_loc=metadata.query_start_loc[i:i + 2] - start, seq_lens=metadata.seq_lens[i:i + 1],
+            block_table=metadata.block_table[i:i + 1], scheduler_metadata=None, step=None)
         rows = slice(start, stop)
         FlashAttentionImpl.forward(self, layer, query[rows], None if key is None else key[rows],
                                    None if value is None else value[rows], kv_cache, sub, output[rows])

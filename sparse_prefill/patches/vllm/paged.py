@@ -1,5 +1,5 @@
 """vLLM's batch in the library's terms, without importing vLLM: which requests a step holds, which go sparse, where
-FlashAttention takes the rest, and one request's keys and values read from the paged cache.
+FlashAttention takes the rest (one call per layer), and one request's keys and values read from the paged cache.
 
 vLLM (V1) runs one forward per scheduler step over a packed batch: request i owns query tokens
 [query_start_loc[i], query_start_loc[i + 1]) and its first seq_lens[i] positions are in the paged KV cache (this
@@ -28,28 +28,24 @@ from ..per_request import PackedRequests, too_short_for_sparse
 
 @dataclass(frozen=True)
 class StepRequests:
-    """The requests of one vLLM step and which of them go sparse (built once per step, read by every layer)."""
+    """The requests of one vLLM step and which of them go sparse (built once per step, read by every layer).
+
+    `dense_seq_lens` (device, made by the backend's builder): the step's seq_lens with the sparse requests' set to
+    0, so that ONE FlashAttention call per layer runs every other request (a request with no keys only has its
+    rows zeroed, which the sparse output then replaces)."""
 
     requests: PackedRequests
     sparse: tuple[bool, ...]
+    dense_seq_lens: torch.Tensor | None = None
 
-    def dense_runs(self) -> list[tuple[int, int]]:
-        """Maximal runs [first, end) of consecutive requests that do not go sparse and have queries: what
-        FlashAttention runs, one call per run, on a sub-batch of the step's metadata."""
-        runs: list[tuple[int, int]] = []
-        start = None
-        for i, on in enumerate((*self.sparse, True)):
-            if not on and start is None:
-                start = i
-            elif on and start is not None:
-                if self.requests.q_bounds[i - 1][1] > self.requests.q_bounds[start][0]:
-                    runs.append((start, i))
-                start = None
-        return runs
+    @property
+    def sparse_indices(self) -> tuple[int, ...]:
+        return tuple(i for i, on in enumerate(self.sparse) if on)
 
-    def without(self, i: int) -> StepRequests:
-        """The same step with request i sent to FlashAttention (the sparse path failed on it)."""
-        return StepRequests(self.requests, tuple(on and j != i for j, on in enumerate(self.sparse)))
+    @property
+    def any_dense(self) -> bool:
+        """Whether some request that does not go sparse has queries (else FlashAttention has nothing to do)."""
+        return any(not on and qe > qs for on, (qs, qe) in zip(self.sparse, self.requests.q_bounds, strict=True))
 
 
 def read_step(query_start_loc: torch.Tensor, seq_lens: torch.Tensor | None, num_reqs: int, max_query_len: int,
