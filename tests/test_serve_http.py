@@ -7,11 +7,14 @@ requests); the server and its model process are stopped at the end.
 """
 
 import concurrent.futures
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -82,6 +85,16 @@ def complete(client, folder, prompt, tokens=5):
     return answer.choices[0].text
 
 
+def post_json(url, body, timeout=60):
+    """(HTTP status, body text) of a POST of `body` as JSON: raw, for requests an OpenAI client would not send."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
 def dense_text(folder, prompt, tokens=5):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
     ids = char_tokenizer()(prompt, return_tensors="pt").input_ids
@@ -126,6 +139,76 @@ def test_a_bad_request_gets_an_error_and_the_server_keeps_serving(server, bad):
         client.completions.create(model=folder, **{"max_tokens": 5, "temperature": 0, **bad})
     assert 400 <= err.value.status_code < 500
     assert complete(client, folder, PROMPTS[0]) == dense_text(folder, PROMPTS[0])
+
+
+# Simulates a chat template that renders an empty message as nothing (a base model's bare template): a client may send
+# it per request, as transformers serve passes `chat_template_kwargs` on to `apply_chat_template`
+BARE_TEMPLATE = {"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+
+
+@pytest.mark.parametrize("endpoint, bad, says", [
+    ("completions", dict(prompt=""), "prompt is empty"),
+    ("completions", dict(prompt="", stream=True), "prompt is empty"),  # refused before the stream starts
+    ("completions", dict(), "no `prompt`"),
+    ("chat/completions", dict(messages=[{"role": "user", "content": ""}], chat_template_kwargs=BARE_TEMPLATE),
+     "prompt is empty"),
+    ("chat/completions", dict(), "no `messages`"),  # a KeyError, answered 500, before
+    ("responses", dict(), "no `input`"),
+])
+def test_an_empty_or_missing_prompt_gets_a_400_and_the_server_keeps_serving(server, endpoint, bad, says):
+    """Issue #28: an empty prompt reached continuous batching's worker, whose forward failed on zero tokens: the
+    worker stopped for good, every later request failed, and the server stopped. Now it is a 400 naming the
+    problem, and the next requests (completion and chat) are answered as before."""
+    client, folder, log = server
+    limit = "max_output_tokens" if endpoint == "responses" else "max_tokens"
+    status, answer = post_json(f"{client.base_url}{endpoint}", {"model": folder, limit: 5, "temperature": 0, **bad})
+    assert status == 400, answer
+    assert says in json.loads(answer)["detail"]
+    assert complete(client, folder, PROMPTS[2]) == dense_text(folder, PROMPTS[2])
+    chat = client.chat.completions.create(model=folder, messages=[{"role": "user", "content": PROMPTS[2]}],
+                                          max_tokens=3, temperature=0)
+    assert chat.choices[0].message.content
+    assert "worker died" not in log.read_text()
+
+
+@pytest.fixture
+def refusing(monkeypatch):
+    """`refuse_empty_prompts` installed on transformers serve's handlers for one test, undone after it."""
+    from transformers.cli.serving.utils import BaseHandler
+
+    for name in ("_validate_request", "_check_prompt_length"):
+        monkeypatch.setattr(BaseHandler, name, getattr(BaseHandler, name))
+    monkeypatch.setattr(BaseHandler, "_sparse_prefill_refuses_empty_prompts", False, raising=False)
+    assert serve_glue.refuse_empty_prompts() and serve_glue.refuse_empty_prompts()  # idempotent
+    return BaseHandler
+
+
+def test_the_guard_refuses_prompts_of_no_tokens_as_lists_and_as_tensors(refusing):
+    """Continuous batching tokenizes to lists, plain `generate` to tensors (an empty prompt was a 500 there)."""
+    from transformers import LlamaConfig
+    from transformers.cli.serving.completion import CompletionHandler
+    from transformers.cli.serving.utils import GenerationState
+
+    handler = CompletionHandler(model_manager=None, generation_state=GenerationState(max_model_len=16))
+    engine = type("Engine", (), {"model_config": LlamaConfig()})()
+    for empty in ([], torch.zeros(1, 0, dtype=torch.long)):
+        with pytest.raises(ValueError, match="prompt is empty"):
+            handler._check_prompt_length(engine, {"input_ids": empty})
+    for prompt in ([5], torch.ones(1, 3, dtype=torch.long)):
+        handler._check_prompt_length(engine, {"input_ids": prompt})
+    with pytest.raises(ValueError, match="at most 16"):  # transformers' own check still runs
+        handler._check_prompt_length(engine, {"input_ids": list(range(20))})
+
+
+def test_the_guard_names_a_missing_prompt_field(refusing):
+    from transformers.cli.serving.chat_completion import ChatCompletionHandler
+    from transformers.cli.serving.utils import GenerationState
+
+    handler = ChatCompletionHandler(model_manager=None, generation_state=GenerationState())
+    with pytest.raises(ValueError, match="no `messages`"):
+        handler._validate_request({"model": "m"})
+    handler._validate_request({"model": "m", "messages": []})  # empty: `apply_chat_template` answers it (400)
+    serve_glue.check_prompt_field("SystemOneHandler", {})  # other endpoints: unchanged
 
 
 def test_config_flags_are_ours_and_the_rest_is_left_for_transformers_serve():

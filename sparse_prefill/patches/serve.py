@@ -18,6 +18,10 @@ for `generate_batch` with flash attention: pass `ContinuousBatchingConfig(use_cu
 Continuous batching takes eager attention only as "paged|eager", not a patched eager model's own name: with
 batching on, the loader moves such a model there (`serve_eager_in_batches`), where it stays sparse.
 
+A request that would leave continuous batching nothing to prefill (an empty prompt: no token after tokenizing and
+the chat template) stopped its worker for good, and with it the server (as plain transformers serve 5.25 does):
+`SparseServe.run` answers it, and a request that lacks its prompt field, with a 400 instead (`refuse_empty_prompts`).
+
 Before serving, the model process runs `warm_up` for prompts up to `--warm-up` tokens (default: the server's
 `--max-model-len`, else the model's context), so that no request waits for a Triton compile.
 """
@@ -96,7 +100,8 @@ def check_version() -> None:
 
 
 class SparseServe(_Serve):
-    """transformers' `Serve` command whose model loader patches every model it loads with `sparse_config`."""
+    """transformers' `Serve` command whose model loader patches every model it loads with `sparse_config`, and whose
+    API server refuses empty prompts (`refuse_empty_prompts`)."""
 
     sparse_config = SparsePrefillConfig()  # set by `main` before the command runs; travels with the loader
     warm_up_len: int | None = None
@@ -112,6 +117,71 @@ class SparseServe(_Serve):
         self.__dict__["loader"] = PatchingLoader(loader, self.sparse_config, self.warm_up_len, batching)
         if batching and hasattr(state, "cb_config"):
             state.cb_config = _with_prefill_graphs_off(state.cb_config, _flash_attention_likely(loader))
+
+    def run(self, *args, **kwargs):  # each API server's process runs it (`--api-server-count` starts several)
+        refuse_empty_prompts()
+        return super().run(*args, **kwargs)
+
+
+# The request field each endpoint's handler reads its prompt from (by the handler class's name, in transformers serve)
+PROMPT_FIELDS = {"CompletionHandler": "prompt", "ChatCompletionHandler": "messages", "ResponseHandler": "input"}
+
+
+class EmptyPromptError(ValueError):
+    """A request with no prompt to prefill: transformers serve answers a ValueError with a 400."""
+
+
+def check_prompt_field(handler_name: str, body: dict) -> None:
+    """Raise an `EmptyPromptError` naming the field when the request lacks the prompt its endpoint reads (a chat
+    without `messages`, a response without `input`, answered 500 for a KeyError otherwise; a completion without
+    `prompt`, read as an empty one otherwise)."""
+    field = PROMPT_FIELDS.get(handler_name)
+    if field is not None and body.get(field) is None:
+        raise EmptyPromptError(f"The request has no `{field}`: nothing to answer.")
+
+
+def check_prompt_tokens(inputs: dict) -> None:
+    """Raise an `EmptyPromptError` for a prompt of no tokens (after tokenizing and the chat template), which no
+    attention can prefill. The model's forward fails on it; with continuous batching that failure stops the batching
+    worker for good (transformers' generation loop takes any error in a step as fatal): every later request would fail
+    with 503 "worker is dead" and the server stop. Without continuous batching it was a 500."""
+    input_ids = inputs["input_ids"]
+    length = input_ids.shape[-1] if hasattr(input_ids, "shape") else len(input_ids)  # a tensor, else a list
+    if length == 0:
+        raise EmptyPromptError("The prompt is empty: it has no tokens after tokenizing (and the chat template); "
+                               "send at least one token of text.")
+
+
+def refuse_empty_prompts() -> bool:
+    """Make transformers serve's request handlers answer 400 to a request without a prompt or with an empty prompt,
+    before it reaches the model's process (see `check_prompt_field`, `check_prompt_tokens`): a server never dies of
+    one bad request. Its hooks are `BaseHandler._validate_request(body)`, which each endpoint calls first, and
+    `BaseHandler._check_prompt_length(engine, inputs)`, which each text endpoint calls on the tokenized prompt before
+    sending it. Idempotent; False (nothing done, said on stderr) for a transformers without these hooks."""
+    try:
+        from transformers.cli.serving.utils import BaseHandler
+    except ImportError:  # pragma: no cover - transformers serve moved: its own checks only
+        BaseHandler = None
+    hooks = ("_validate_request", "_check_prompt_length")
+    if BaseHandler is None or not all(callable(getattr(BaseHandler, hook, None)) for hook in hooks):
+        print("sparse_prefill: this transformers serve has no hook to refuse empty prompts: an empty prompt may stop "
+              "continuous batching", file=sys.stderr, flush=True)
+        return False
+    if getattr(BaseHandler, "_sparse_prefill_refuses_empty_prompts", False):
+        return True
+    validate_request, check_prompt_length = BaseHandler._validate_request, BaseHandler._check_prompt_length
+
+    def _validate_request(self, body, *args, **kwargs):
+        validate_request(self, body, *args, **kwargs)
+        check_prompt_field(type(self).__name__, body)
+
+    def _check_prompt_length(self, engine, inputs, *args, **kwargs):
+        check_prompt_tokens(inputs)
+        return check_prompt_length(self, engine, inputs, *args, **kwargs)
+
+    BaseHandler._validate_request, BaseHandler._check_prompt_length = _validate_request, _check_prompt_length
+    BaseHandler._sparse_prefill_refuses_empty_prompts = True
+    return True
 
 
 def _flash_attention_likely(loader) -> bool:
