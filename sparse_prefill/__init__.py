@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from .kernels import block_sparse_attention
     from .layout import BlockLayout
     from .notices import SparsePrefillWarning
-    from .patches import patch_model, unpatch_model, warm_up
+    from .patches import is_patched, patch_model, unpatch_model, warm_up
     from .selection import select_blocks
+    from .stats import log_prefills, record
 
 _LAZY = {  # public name -> the submodule that defines it
     "sparse_attention": ".attention",
@@ -24,7 +25,10 @@ _LAZY = {  # public name -> the submodule that defines it
     "block_sparse_attention": ".kernels",
     "BlockLayout": ".layout",
     "SparsePrefillWarning": ".notices",
+    "is_patched": ".patches",
+    "log_prefills": ".stats",
     "patch_model": ".patches",
+    "record": ".stats",
     "unpatch_model": ".patches",
     "warm_up": ".patches",
     "select_blocks": ".selection",
@@ -35,7 +39,10 @@ __all__ = [
     "SparsePrefillConfig",
     "SparsePrefillWarning",
     "block_sparse_attention",
+    "is_patched",
+    "log_prefills",
     "patch_model",
+    "record",
     "select_blocks",
     "sparse_attention",
     "unpatch_model",

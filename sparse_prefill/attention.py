@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import stats
 from .config import SparsePrefillConfig, as_config
 from .kernels import block_sparse_attention
 from .kernels.call import check_attention_inputs, check_key_range
@@ -49,9 +50,12 @@ def sparse_attention(
         return (q.new_zeros(q.shape), layout) if return_layout else q.new_zeros(q.shape)
     # Under a device_map the current CUDA device is not q's: every launch below must go to q's device.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        start = stats.started() if stats.RECORDERS else None
         layout = select_blocks(q, k, config, scale=scale, key_range=key_range, softcap=softcap)
         out = block_sparse_attention(q, k, v, layout, causal=True, scale=scale, softcap=softcap,
                                      key_range=key_range, backend=config.backend)
+        if stats.RECORDERS:  # `stats.record()`: what this call kept, left on the device
+            stats.note_sparse(q, k, layout, last_chunk, start)
     return (out, layout) if return_layout else out
 
 

@@ -9,6 +9,7 @@ requests); the server and its model process are stopped at the end.
 import concurrent.futures
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -108,6 +109,20 @@ def test_the_served_model_is_patched_and_answers_as_dense(server):
     for prompt in PROMPTS:
         assert complete(client, folder, prompt) == dense_text(folder, prompt), prompt
     assert "patched for sparse prefill (sdpa attention)" in log.read_text()
+
+
+def test_the_log_says_per_prompt_what_the_sparse_path_did(server):
+    """One line per prompt in the server's log: its tokens, the layers that went sparse, the blocks they kept and
+    its prefill time (the prompt is prefilled in chunks of 256 tokens: the line follows it to its end)."""
+    client, folder, log = server
+    prompt = "0123456789" * 50
+    complete(client, folder, prompt)
+    deadline = time.monotonic() + 30
+    pattern = re.compile(r"sparse_prefill: prompt of (\d+) tokens \((\d+) prefilled\): sparse in 2 of 2 layers, "
+                         r"kept [\d.]+ % of the causal blocks, prefill [\d.]+ s")
+    while not any(int(m[1]) >= 500 for m in pattern.finditer(log.read_text())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert any(int(m[1]) >= 500 for m in pattern.finditer(log.read_text())), log.read_text()[-3000:]
 
 
 def test_concurrent_requests_of_mixed_lengths_are_all_answered(server):

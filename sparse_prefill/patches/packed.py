@@ -40,9 +40,18 @@ from collections.abc import Callable
 
 import torch
 
+from .. import stats
 from ..config import SparsePrefillConfig
 from .masks import remembered
-from .per_request import PackedRequests, attend_alone, too_short_for_sparse, warn_dense, warn_failed
+from .per_request import (
+    PackedRequests,
+    attend_alone,
+    request_reason,
+    short_reason,
+    too_short_for_sparse,
+    warn_dense,
+    warn_failed,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,11 +186,17 @@ def attend_packed(call: EngineCall, config: SparsePrefillConfig) -> torch.Tensor
 
 def _attend_packed(call: EngineCall, config: SparsePrefillConfig) -> torch.Tensor | None:
     if _engine_call_as_is(call.query, call.kwargs, config):
+        queries, keys = longest_request(call.kwargs, "q"), longest_request(call.kwargs, "k")
+        if stats.RECORDERS and call.kwargs.get("block_table") is None and queries and keys:  # its longest request
+            stats.note_dense(call.module, queries, keys, short_reason(queries, config))
         return None
     plan, reason = plan_pack(call, config)
     if reason is not None:
         warn_dense(reason)
+        stats.note_dense(call.module, call.query.shape[2], call.key.shape[2], reason)
         return None
+    if stats.RECORDERS:
+        _note_dense_requests(call, plan, config)
     if not any(plan.sparse):
         return None
     query, key, value = call.query, call.key, call.value
@@ -201,6 +216,16 @@ def _attend_packed(call: EngineCall, config: SparsePrefillConfig) -> torch.Tenso
     for i in failed:
         out[:, slice(*requests.q_bounds[i])] = _attend_one(call, requests, i)
     return out
+
+
+def _note_dense_requests(call: EngineCall, plan: PackPlan, config: SparsePrefillConfig) -> None:
+    """`stats.record()`: each request of the pack that stays dense, and why (decode steps are dropped there)."""
+    requests = plan.requests
+    for i, on in enumerate(plan.sparse):
+        (qs, qe), (ks, ke) = requests.q_bounds[i], requests.k_bounds[i]
+        if not on and qe > qs:
+            stats.note_dense(call.module, qe - qs, ke - ks, request_reason(qe - qs, ke - ks, config, call.window),
+                             requests.last_chunk[i])
 
 
 def _attend_short(call: EngineCall, short: ShortPack, mask) -> torch.Tensor:
@@ -322,25 +347,22 @@ def _engine_call_as_is(query: torch.Tensor, kwargs: dict, config: SparsePrefillC
 def _windowed_beyond(call: EngineCall) -> bool:
     """Whether a windowed layer's call may hold a request with more keys than its window, judged before the cache
     is read (< 5.24): such a call keeps the engine's exact windowed attention, cache update and mask included."""
-    window = call.window
-    if window is None:
-        return False
-    longest = next((call.kwargs[n] for n in ("max_length_k", "max_seqlen_k") if call.kwargs.get(n) is not None), None)
-    if isinstance(longest, dict):
-        longest = max(longest.values(), default=None)
-    return not isinstance(longest, int) or longest > window
+    window, longest = call.window, longest_request(call.kwargs, "k")
+    return window is not None and (not isinstance(longest, int) or longest > window)
 
 
 def _no_long_request(kwargs: dict, config: SparsePrefillConfig) -> bool:
-    """Whether the longest lengths the engine passes (`max_length_*`; `max_seqlen_*` before 5.19, per layer type
-    where a model mixes them) already rule the sparse path out for every request of the call."""
-    lengths = []
-    for names in (("max_length_q", "max_seqlen_q"), ("max_length_k", "max_seqlen_k")):
-        found = next((kwargs[name] for name in names if kwargs.get(name) is not None), None)
-        if isinstance(found, dict):
-            found = max(found.values(), default=None)
-        lengths.append(found)
+    """Whether the longest lengths the engine passes already rule the sparse path out for every request."""
+    lengths = [longest_request(kwargs, "q"), longest_request(kwargs, "k")]
     return all(isinstance(n, int) for n in lengths) and too_short_for_sparse(*lengths, config)
+
+
+def longest_request(kwargs: dict, which: str) -> int | None:
+    """The longest query ("q") or key ("k") length of a packed call's requests as the engine passes it
+    (`max_length_*`; `max_seqlen_*` before 5.19, per layer type where a model mixes them), or None."""
+    found = next((kwargs[n] for n in (f"max_length_{which}", f"max_seqlen_{which}") if kwargs.get(n) is not None),
+                 None)
+    return max(found.values(), default=None) if isinstance(found, dict) else found
 
 
 def _aligned_rows(mask: torch.Tensor) -> torch.Tensor:

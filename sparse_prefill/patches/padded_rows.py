@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
+from .. import stats
 from ..attention import sparse_attention
 from ..config import SparsePrefillConfig
 from ..kernels import block_sparse_attention
-from .per_request import too_short_for_sparse
+from .per_request import short_reason, too_short_for_sparse
 
 
 def attend_rows_alone(
@@ -39,6 +40,8 @@ def attend_rows_alone(
             continue
         q_row, k_row, v_row = query[b:b + 1, :, first:stop], key[b:b + 1, :, start:end], value[b:b + 1, :, start:end]
         if too_short_for_sparse(stop - first, end - start, config):
+            if stats.RECORDERS:
+                stats.note_dense(None, stop - first, end - start, short_reason(stop - first, config))
             out_row = block_sparse_attention(q_row, k_row, v_row, None, causal=True, scale=scale, softcap=softcap,
                                              backend=config.backend)
         else:

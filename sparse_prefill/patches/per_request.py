@@ -42,6 +42,20 @@ def goes_sparse(q_len: int, k_len: int, config: SparsePrefillConfig, window: int
     return not too_short_for_sparse(q_len, k_len, config) and (window is None or k_len <= window)
 
 
+def short_reason(q_len: int, config: SparsePrefillConfig) -> str:
+    """Why a request `too_short_for_sparse` stays dense, for `stats`."""
+    if q_len < config.block_size:
+        return f"fewer queries than a block ({config.block_size}): a short prompt's end or a small chunk"
+    return f"prompts shorter than min_seq_len ({config.effective_min_seq_len} keys): the selection would not pay"
+
+
+def request_reason(q_len: int, k_len: int, config: SparsePrefillConfig, window: int | None = None) -> str | None:
+    """Why one request of a call that may go sparse stays dense (`goes_sparse`), or None."""
+    if too_short_for_sparse(q_len, k_len, config):
+        return short_reason(q_len, config)
+    return WINDOWED if window is not None and k_len > window else None
+
+
 def capturing(query: torch.Tensor) -> bool:
     """Whether this CUDA query's stream is being captured into a CUDA graph."""
     return query.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -23,7 +23,9 @@ the chat template) stopped its worker for good, and with it the server (as plain
 `SparseServe.run` answers it, and a request that lacks its prompt field, with a 400 instead (`refuse_empty_prompts`).
 
 Before serving, the model process runs `warm_up` for prompts up to `--warm-up` tokens (default: the server's
-`--max-model-len`, else the model's context), so that no request waits for a Triton compile.
+`--max-model-len`, else the model's context), so that no request waits for a Triton compile. While serving it logs
+one line per prompt of at least `min_seq_len` tokens (`stats.log_prefills`): its tokens, the layers that went
+sparse, the blocks they kept and its prefill time.
 """
 
 from __future__ import annotations
@@ -53,11 +55,13 @@ class PatchingLoader:
         return getattr(self._loader, name)
 
     def load_model_and_processor(self, *args, **kwargs):
+        from ..stats import log_prefills
         from . import patch_model, warm_up
         from .transformers_attention import serve_eager_in_batches
 
         model, processor = self._loader.load_model_and_processor(*args, **kwargs)
         patch_model(model, self._config)
+        log_prefills(model, min_tokens=self._config.effective_min_seq_len)  # a line per long prompt, in the log
         if self._continuous_batching and serve_eager_in_batches(model):
             print("sparse_prefill: eager attention runs as continuous batching's \"paged|eager\" (the only eager name "
                   "it takes)", file=sys.stderr, flush=True)

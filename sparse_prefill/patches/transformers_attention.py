@@ -36,13 +36,22 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .. import stats
 from ..attention import sparse_attention
 from ..config import SparsePrefillConfig, as_config
 from ..notices import forget_warnings
 from .masks import MaskReading, read_mask
-from .packed import EngineCall, attend_packed
+from .packed import EngineCall, attend_packed, longest_request
 from .padded_rows import attend_rows_alone
-from .per_request import call_reason, check_proxy_heads, rank_config, too_short_for_sparse, warm_up_layer, warn_dense
+from .per_request import (
+    call_reason,
+    check_proxy_heads,
+    rank_config,
+    short_reason,
+    too_short_for_sparse,
+    warm_up_layer,
+    warn_dense,
+)
 
 try:  # where transformers >= 5 collects `output_attentions` through hooks
     from transformers.utils.output_capturing import _active_collector as _ACTIVE_COLLECTOR
@@ -151,6 +160,8 @@ def _make_attention(previous: str) -> Callable:
             out = _sparse_prefill(previous, module, query, key, value, attention_mask, dropout, scaling, kwargs, config)
             if out is not None:
                 return out, None
+        elif config is not None and stats.RECORDERS:
+            _note_short(module, query, key, kwargs, config)
         dense = _previous_attention(previous, module)
         return dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
@@ -158,16 +169,35 @@ def _make_attention(previous: str) -> Callable:
     return sparse_prefill_attention
 
 
+@torch.compiler.disable
+def _note_short(module, query, key, kwargs, config) -> None:
+    """`stats.record()`: a prefill call too short for the sparse path (a decode step is none: `stats` drops it); a
+    packed call by its longest request (its lengths are on the device: reading them would wait for the GPU)."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if kwargs.get("cu_seq_lens_q") is not None:
+        q_len, k_len = longest_request(kwargs, "q") or 0, longest_request(kwargs, "k") or 0
+    with stats.in_layer(module):
+        stats.note_dense(module, q_len, k_len, short_reason(q_len, config))
+
+
 @torch.compiler.disable  # data-dependent selection: under torch.compile it runs eagerly, between compiled graphs
 def _sparse_prefill(previous, module, query, key, value, attention_mask, dropout, scaling, kwargs,
                     config) -> torch.Tensor | None:
     """The sparse attention output [B, Lq, Hq, D], or None when this call must go to the dense implementation."""
+    if not stats.RECORDERS:
+        return _attend(previous, module, query, key, value, attention_mask, dropout, scaling, kwargs, config)
+    with stats.in_layer(module):  # `stats.record()`: the sparse calls made below are this layer's
+        return _attend(previous, module, query, key, value, attention_mask, dropout, scaling, kwargs, config)
+
+
+def _attend(previous, module, query, key, value, attention_mask, dropout, scaling, kwargs, config):
     softcap = kwargs.get("softcap")
     config = _rank_config(module, query.shape[1], config)
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cache") is not None:  # continuous batching
         reason = _call_reason(module, query, key, value, dropout, kwargs, config, packed=True)
         if reason is not None:
             warn_dense(reason)
+            stats.note_dense(module, query.shape[2], key.shape[2], reason)
             return None
         call = EngineCall(_previous_attention(previous, module), module, query, key, value, attention_mask, dropout,
                           scaling, kwargs)
@@ -191,10 +221,11 @@ def _plan_sparse(previous, module, query, key, value, attention_mask, dropout, k
         reading, reason = read_mask(attention_mask, query.shape[2], key.shape[2], previous, reader=module)
         loud = True
     if reason is None and too_short_for_sparse(query.shape[2], reading.num_keys, config):
-        reason, loud = "decode or a short prompt", False  # a static cache's prompt shorter than the threshold
+        reason, loud = short_reason(query.shape[2], config), False  # a static cache's prompt shorter than the threshold
     if reason is not None:
         if loud:
             warn_dense(reason)
+        stats.note_dense(module, query.shape[2], key.shape[2] if reading is None else reading.num_keys, reason)
         return None
     return reading
 

@@ -28,12 +28,14 @@ those; `per_request.rank_config` gives an int `proxy_heads` its share, "q" and "
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
 import torch
 import vllm
 
+from ... import stats
 from ...config import SparsePrefillConfig
 from ...notices import warn_once
 from ..per_request import (
@@ -177,6 +179,11 @@ class SparsePrefillImpl(FlashAttentionImpl):
                 or output_block_scale is not None or not self._step_fits(query, attn_metadata)):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
+        with stats.in_layer(layer) if stats.RECORDERS else contextlib.nullcontext():  # `stats.record()`
+            return self._forward_step(layer, query, key, value, kv_cache, attn_metadata, output, step)
+
+    def _forward_step(self, layer, query, key, value, kv_cache, attn_metadata, output, step: StepRequests):
+        """A step that goes partly sparse: FlashAttention once for the rest, then each sparse request."""
         if step.dense_seq_lens is not None:  # every other request in one call; the sparse rows are overwritten below
             whole = dataclasses.replace(attn_metadata, seq_lens=step.dense_seq_lens, scheduler_metadata=None, step=None)
             FlashAttentionImpl.forward(self, layer, query, key, value, kv_cache, whole, output)
