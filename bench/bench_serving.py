@@ -17,6 +17,9 @@ Stages:
   serve     the mix through a real `transformers serve` (dense) and `sparse-prefill serve` process on
             localhost, one after the other, with the OpenAI client streaming: TTFT, decode tokens/s,
             throughput
+  lastchunk one long prompt per --lengths through generate_batch in --chunk chunks: TTFT with middle chunks known
+            as such (what the library does) against every chunk taken as its prompt's last (what vLLM's backend
+            does, its metadata not saying which chunk is): the cost of not knowing
   chunked   retrieval answers (paired against dense one-shot) and kept blocks: sparse one-shot, the
             `exact` control (gamma 1, one-shot) and sparse chunked prefill through generate_batch at
             each of --chunk-sizes
@@ -123,6 +126,30 @@ def stage_ttft(model, tok, args, config, device) -> list[dict]:
         sparse["kept"] = sparse["batch_x"] / sparse["generate_x"]
     unpatch_model(model)
     print(format_table(rows, ["length", "mode", "generate_s", "generate_batch_s", "generate_x", "batch_x", "kept"]))
+    return rows
+
+
+def stage_lastchunk(model, tok, args, config, device) -> list[dict]:
+    """What vLLM's backend pays for treating every prefill chunk as its prompt's last (its metadata does not say
+    which chunk is): one long prompt per --lengths through generate_batch in --chunk chunks, sparse as the library
+    runs it (middle chunks skip the exact tail and the question columns) against every chunk taken as the last."""
+    from sparse_prefill.patches import packed
+
+    rows, exact = [], packed.attend_alone
+    for length in args.lengths:
+        ids = list(prompt(tok, length).input_ids)
+        set_mode(model, "sparse", config)
+        for mode in ("middle chunks known", "every chunk last"):
+            packed.attend_alone = exact if mode.startswith("middle") else (
+                lambda *a, **kw: exact(*a, **{**kw, "last_chunk": True}))
+            try:
+                ttft = min(run_batch(model, [ids], 1, args.chunk, device)[0][0]["ttft_s"] for _ in range(args.repeats))
+            finally:
+                packed.attend_alone = exact
+            rows.append({"length": length, "chunk": args.chunk, "mode": mode, "ttft_s": ttft})
+        rows[-1]["cost"] = rows[-1]["ttft_s"] / rows[-2]["ttft_s"] - 1
+    unpatch_model(model)
+    print(format_table(rows, ["length", "chunk", "mode", "ttft_s", "cost"]))
     return rows
 
 
@@ -382,7 +409,7 @@ def stage_chunked(model, tok, args, config, device) -> list[dict]:
 
 
 STAGES = {"ttft": stage_ttft, "mixed": stage_mixed, "overhead": stage_overhead, "serve": stage_serve,
-          "chunked": stage_chunked}
+          "chunked": stage_chunked, "lastchunk": stage_lastchunk}
 
 
 def main(argv=None) -> int:
