@@ -14,6 +14,8 @@ Stages (--stages; a failing stage is recorded and the rest run):
            runs are not the TTFT runs)
   answers  the long retrieval prompts (--tasks x --lengths x --seeds), greedy; scored (eval.scoring) and paired:
            how many prompts sparse lost or gained against dense on the same prompt
+  yarn     FLASH_ATTN's first-token log-probabilities after each --lengths prompt against the transformers
+           model's (sdpa, the same YaRN) on the same ids: does vLLM apply YaRN as transformers does?
   mixed    --long long prompts (--mixed-long) and --short prompts of --short-length tokens submitted at once
            (--passes times; the last pass is reported, the first one's wall time beside it),
            --new-tokens each: wall time, tokens/s, mean time to first token of each kind
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -43,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from sparse_prefill.eval.options import parse_lengths  # noqa: E402  (no torch: --help stays light)
 
 BACKENDS = ("FLASH_ATTN", "CUSTOM")  # dense first: its answers are the reference
-STAGES = ("ttft", "gather", "answers", "mixed")
+STAGES = ("ttft", "gather", "answers", "mixed", "yarn")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -142,6 +145,14 @@ class VllmEngine:
         return [{"tokens": list(o.outputs[0].token_ids), "text": o.outputs[0].text, "wall_s": wall,
                  "ttft_s": o.metrics.first_token_latency if o.metrics is not None else None} for o in outs]
 
+    def top_logprobs(self, ids: list[int], k: int) -> dict[int, float]:
+        """The k most likely first tokens after the prompt, with their log-probabilities (vLLM's own)."""
+        from vllm import SamplingParams
+
+        out = self.llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=1, logprobs=k),
+                                use_tqdm=False)[0]
+        return {int(token): float(entry.logprob) for token, entry in out.outputs[0].logprobs[0].items()}
+
     def timings(self, on: bool) -> list[dict] | None:
         """Start (on) or stop and return the sparse backend's per-request timings (None: not readable here)."""
         if "sparse_prefill.patches.vllm.backend" not in sys.modules:
@@ -173,6 +184,9 @@ class StubEngine:
         collected, self._timings = self._timings, ([] if on else None)
         return collected
 
+    def top_logprobs(self, ids, k):
+        return {token: -1.0 - i for i, token in enumerate(sorted(set(ids))[:k])}
+
 
 # ------------------------------------------------------------------------------------------------
 # The worker: one engine, the stages of the plan, a result file rewritten after each stage
@@ -197,7 +211,7 @@ def run_worker(args) -> int:
     result["settings"], result["startup_s"] = engine.settings, time.perf_counter() - started
     save()
     for stage in args.stages:
-        if stage == "gather" and backend != "CUSTOM":
+        if (stage == "gather" and backend != "CUSTOM") or (stage == "yarn" and backend != "FLASH_ATTN"):
             continue
         if args.deadline is not None and time.time() > args.deadline:
             result["errors"][stage] = "skipped: out of time (--time-limit)"
@@ -263,7 +277,52 @@ def stage_mixed(engine, plan, args) -> dict:
             "tokens": [o["tokens"] for o in outs]}
 
 
-WORKER_STAGES = {"ttft": stage_ttft, "gather": stage_gather, "answers": stage_answers, "mixed": stage_mixed}
+def stage_yarn(engine, plan, args) -> list[dict]:
+    """FLASH_ATTN's first-token log-probabilities on the TTFT prompts, for `yarn_check` (vLLM's YaRN against
+    transformers')."""
+    return [{"length": item["length"], "top": engine.top_logprobs(item["ids"], YARN_TOP)} for item in plan["ttft"]]
+
+
+YARN_TOP = 20
+
+
+def yarn_check(plan, dense: dict, args) -> list[dict]:
+    """Whether vLLM applies YaRN as transformers does: the first token's log-probabilities after each TTFT prompt,
+    vLLM's FLASH_ATTN against the transformers model (sdpa, one-shot, the same YaRN overrides) on the same ids.
+    bf16 puts some noise in both; a rope that differs moves the distribution far more than that."""
+    import torch
+
+    from sparse_prefill.eval.archs import resolve_model
+
+    rows = dense["stages"].get("yarn") or []
+    if not rows or args.engine == "stub":
+        return []
+    model, _, _ = resolve_model(plan["folder"], device=torch.device("cuda"), yarn=args.yarn or None)
+    model.set_attn_implementation("sdpa")
+    ids = {item["length"]: item["ids"] for item in plan["ttft"]}
+    table = []
+    try:
+        for row in rows:
+            with torch.no_grad():
+                logits = model(torch.tensor([ids[row["length"]]], device="cuda"), use_cache=False,
+                               logits_to_keep=1).logits[0, -1].float()
+            logprobs = torch.log_softmax(logits, -1)
+            theirs = {int(t): float(v) for v, t in zip(*logprobs.topk(YARN_TOP), strict=True)}
+            ours = {int(t): v for t, v in row["top"].items()}
+            shared = set(ours) & set(theirs)
+            top = max(ours, key=ours.get)
+            table.append({"length": row["length"], "same_top1": top == max(theirs, key=theirs.get),
+                          "vllm_top1_p": math.exp(ours[top]), "hf_p_of_it": math.exp(float(logprobs[top])),
+                          "shared_of_top20": len(shared),
+                          "max_abs_dlogprob": max((abs(ours[t] - theirs[t]) for t in shared), default=None)})
+    finally:
+        del model
+        torch.cuda.empty_cache()
+    return table
+
+
+WORKER_STAGES = {"ttft": stage_ttft, "gather": stage_gather, "answers": stage_answers, "mixed": stage_mixed,
+                 "yarn": stage_yarn}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,6 +497,13 @@ def main(argv=None) -> int:
                     print(f"{backend} {stage}: {str(error).strip().splitlines()[-1]}", flush=True)
                 (out / "vllm.json").write_text(json.dumps(results, indent=1, default=str))
             tables = compare(plan, runs["FLASH_ATTN"], runs["CUSTOM"])
+            if "yarn" in args.stages:
+                try:
+                    tables["yarn"] = yarn_check(plan, runs["FLASH_ATTN"], args)
+                except Exception:  # noqa: BLE001 - the check must not cost the figures above
+                    tables["yarn"] = []
+                    entry["yarn_error"] = traceback.format_exc()
+                    print(entry["yarn_error"], flush=True)
             entry["tables"] = tables
             for title, rows in tables.items():
                 if rows:
