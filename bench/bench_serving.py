@@ -304,20 +304,37 @@ def wait_until_ready(server: subprocess.Popen, port: int, log: Path, timeout: fl
         time.sleep(1)
 
 
+def group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs: zombies aside (a container's init may reap them late, or
+    never), read from /proc where there is one."""
+    if not Path("/proc").is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):  # a process that ended while read
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
 def stop_server(server: subprocess.Popen) -> None:
-    """Stops the server and every process it started (its process group): SIGTERM, SIGKILL after 60 s, and waits
-    (up to 60 s more) until none is left, so that the next server finds the GPU memory free."""
-    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 60)):
+    """Stops the server and every process it started (its process group): SIGTERM, then SIGKILL to what is left
+    after 60 s; returns once none runs (or 60 s after the SIGKILL), so that the next server finds the GPU free."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(server.pid, sig)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            server.poll()  # reaps the leader; the group is gone once its last process has exited
-            try:
-                os.killpg(server.pid, 0)
-            except ProcessLookupError:
+            server.poll()  # reaps the leader
+            if not group_running(server.pid):
                 return
             time.sleep(0.5)
 
