@@ -94,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="transformers engines (default: cuda if there is one, else cpu)")
     p.add_argument("--chunk", type=int, default=8192, help="transformers engines: prefill chunk (max batch tokens)")
     p.add_argument("--cb-cache-tokens", type=int, default=None, help="transformers engines: paged cache size "
-                   "(default: every token of the trace at once, so no request waits for cache)")
+                   "(default: the whole trace's tokens or four of its longest requests, whichever is less: sdpa's "
+                   "mask takes chunk x cache x 2 bytes, twice with async batching)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.6, help="vLLM engines (the rest leaves room "
                    "for the sparse path's buffers, which vLLM's profiling does not see)")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM engines: no torch.compile or CUDA graphs")
@@ -169,7 +170,8 @@ def build_prompts(trace: list[dict], tok) -> list[dict]:
 
 def make_plan(args, tok, context: int | None) -> dict:
     """The trace, its prompts, two warm-up requests outside it (the shortest short and long lengths, 2 tokens
-    each), and the server sizes it needs: the longest request, and every token of the trace at once.
+    each), and the server sizes: the longest request (max_model_len), and for transformers' paged cache the whole
+    trace at once or four of its longest requests, whichever is less (a request that finds the cache full waits).
 
     Every request must fit the model's `context` with its answer (transformers serve refuses a longer
     --max-model-len; vLLM would take it): long lengths are cut to `context` less the most new tokens and 64."""
@@ -183,9 +185,10 @@ def make_plan(args, tok, context: int | None) -> dict:
     warm_up = [{**r, "id": -1 - n, "arrival_s": 0.0, "new_tokens": 2, "prompt_seed": r["prompt_seed"] + 1}
                for n, r in enumerate(shortest)]
     sizes = [p["prompt_tokens"] + r["new_tokens"] for r, p in zip(trace, prompts, strict=True)]
+    max_model_len = min(max(sizes) + 64, context or max(sizes) + 64)
+    cache_tokens = args.cb_cache_tokens or min(sum(sizes) + PAGE * len(sizes), 4 * (max_model_len + PAGE))
     return {"trace": trace, "prompts": prompts, "warm_up": warm_up, "warm_up_prompts": build_prompts(warm_up, tok),
-            "long_lengths": long_lengths, "max_model_len": min(max(sizes) + 64, context or max(sizes) + 64),
-            "cache_tokens": args.cb_cache_tokens or sum(sizes) + PAGE * len(sizes)}
+            "long_lengths": long_lengths, "max_model_len": max_model_len, "cache_tokens": cache_tokens}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -431,7 +434,7 @@ def main(argv=None) -> int:
         trace, prompts = plan["trace"], plan["prompts"]
         results = {"args": {k: v for k, v in vars(args).items() if k != "sparse_config"},
                    "config": str(args.sparse_config), "context": context, "long_lengths": plan["long_lengths"],
-                   "max_model_len": plan["max_model_len"],
+                   "max_model_len": plan["max_model_len"], "cb_cache_tokens": plan["cache_tokens"],
                    "trace": [{**r, "prompt_tokens": p["prompt_tokens"], "answers": p["answers"]}
                              for r, p in zip(trace, prompts, strict=True)],
                    "trace_texts": str(out / "load_trace.json"), "engines": {}, "summary": []}

@@ -76,19 +76,25 @@ def test_prompts_are_retrieval_prompts_and_filler_at_their_lengths(bench):
     assert len({p["text"] for p in prompts}) == len(prompts)
 
 
-def test_long_lengths_are_cut_to_fit_the_context_with_their_answers(bench):
+def test_the_plan_fits_the_context_and_sizes_the_cache(bench):
     from sparse_prefill.eval.archs import byte_tokenizer
 
-    args = bench.parse_args(["--model", "m", "--requests", "8", "--long-lengths", "1k,3k", "--short-range",
-                             "100-200", "--new-tokens-range", "4-8"])
-    plan = bench.make_plan(args, byte_tokenizer(), context=2048)
-    assert plan["long_lengths"] == [1024, 2048 - 8 - 64]
-    assert plan["max_model_len"] <= 2048
-    sizes = [p["prompt_tokens"] + r["new_tokens"] for r, p in zip(plan["trace"], plan["prompts"], strict=True)]
-    assert max(sizes) <= 2048
-    assert [w["new_tokens"] for w in plan["warm_up"]] == [2, 2]
-    assert {w["kind"] for w in plan["warm_up"]} == {"short", "long"}
-    assert not {p["text"] for p in plan["warm_up_prompts"]} & {p["text"] for p in plan["prompts"]}
+    def plan(*extra):
+        args = bench.parse_args(["--model", "m", "--long-lengths", "1k,3k", "--short-range", "100-200",
+                                 "--new-tokens-range", "4-8", *extra])
+        return bench.make_plan(args, byte_tokenizer(), context=2048)
+
+    small = plan("--requests", "8")
+    assert small["long_lengths"] == [1024, 2048 - 8 - 64]  # cut so that prompt and answer fit the context
+    sizes = [p["prompt_tokens"] + r["new_tokens"] for r, p in zip(small["trace"], small["prompts"], strict=True)]
+    assert small["max_model_len"] == min(max(sizes) + 64, 2048) and max(sizes) <= 2048
+    assert small["cache_tokens"] == sum(sizes) + 256 * 8  # all of it at once: less than four of the longest
+    large = plan("--requests", "24")
+    assert large["cache_tokens"] == 4 * (large["max_model_len"] + 256)
+    assert plan("--requests", "24", "--cb-cache-tokens", "5000")["cache_tokens"] == 5000
+    assert [w["new_tokens"] for w in small["warm_up"]] == [2, 2]
+    assert {w["kind"] for w in small["warm_up"]} == {"short", "long"}
+    assert not {p["text"] for p in small["warm_up_prompts"]} & {p["text"] for p in small["prompts"]}
 
 
 # ------------------------------------------------------------------------------------------------
