@@ -1,7 +1,8 @@
 r"""A load benchmark: one request trace with Poisson arrivals, replayed against real OpenAI-compatible servers, dense
 against sparse, in one command. The summary table comes last; everything is written to $OUT/load.json (or --out).
 
-    python3 bench/bench_load.py --model MODEL_DIR --yarn 4 --rate 2.5 --engines vllm:FLASH_ATTN,vllm:CUSTOM
+    python3 bench/bench_load.py --model MODEL_DIR --yarn 4 --engines vllm:FLASH_ATTN,vllm:CUSTOM --rate 3 \
+        --requests 120 --enforce-eager --max-num-batched-tokens 16384
 
 The trace (the same for every engine; deterministic from --seed): --requests requests arriving as a Poisson process
 at --rate a second (the first at 0 s). A quarter are long: a length drawn from --long-lengths, a retrieval prompt
@@ -11,19 +12,24 @@ tokens uniform in --new-tokens-range, and the server is told to generate all of 
 (vLLM: `ignore_eos`; transformers serve: no end-of-sequence token, `generation_config={"eos_token_id": -1}`). The
 prompts go as text, since transformers serve takes no token ids: both servers tokenize it with the model's
 tokenizer, so every engine prefills the same tokens (the count is in the trace, and the server's in each record).
-The trace is in load.json; its prompt texts in load_trace.json.
+Every request fits the model's context with its answer (transformers serve refuses a --max-model-len past it):
+long lengths are cut to the context less the most new tokens and 64 (128K -> 130752 with YaRN x4 on a 32K model).
+The trace is in load.json; its prompt texts in load_trace.json. The same seed at another --rate gives the same
+requests, their arrival times scaled.
 
 Engines (--engines; each a server process on 127.0.0.1 and a free port, started, waited for, warmed up with one
 short and one long request outside the trace, sent the trace, stopped with everything it started, also on error):
   vllm:FLASH_ATTN      vllm serve --attention-backend FLASH_ATTN (dense)
   vllm:CUSTOM          vllm serve --attention-backend CUSTOM, SPARSE_PREFILL_CONFIG=--config (needs the package
                        installed: vLLM loads the backend through its entry point)
-  transformers:dense   transformers serve, continuous batching (prefill chunks of --chunk tokens, sdpa)
+  transformers:dense   transformers serve, continuous batching (prefill chunks of --chunk tokens, sdpa, a paged
+                       cache of the whole trace or four of its longest requests, whichever is less)
   transformers:sparse  sparse-prefill serve: the same flags, and --config's fields as flags
 Both vLLM engines: --max-model-len from the trace, YaRN through --hf-overrides when --yarn > 0, prefix caching
 off, --gpu-memory-utilization, --enforce-eager if given. A failing engine is recorded and the others run;
 --time-limit bounds the whole run (each engine gets an equal share of what is left; engines not started in time
-are recorded as skipped, requests past it as cut). Server logs: $OUT/load_<engine>.log.
+are recorded as skipped, requests past it as cut). Server logs: $OUT/load_<engine>.log. Where vLLM and
+transformers serve need different packages, --vllm-path and --transformers-path go first on each one's PYTHONPATH.
 
 The client (asyncio, the OpenAI client) sends each request at its arrival time, streaming, each bounded by
 --request-timeout, and records when it was sent, its first token (TTFT) and its end, the output tokens (the
@@ -32,7 +38,7 @@ output tokens/s (all output tokens over the makespan: first send to last end), r
 long prompts (eval.scoring, `contains`, on the whole output) paired against the dense engine of the same family:
 how many it lost and gained. The summary table gives the speed-ups against that dense engine (x > 1: faster).
 
-A check of the script, not a measurement (a CPU, the tiny random-weight model, toy lengths; ~1 min an engine):
+A check of the script, not a measurement (a CPU, the tiny random-weight model, toy lengths; under a minute an engine):
 
     python3 bench/bench_load.py --model sparse-prefill-tiny --engines transformers:dense,transformers:sparse \
         --requests 6 --long-lengths 2k --short-range 128-400 --new-tokens-range 4-8 --rate 2 \

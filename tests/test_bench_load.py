@@ -59,6 +59,13 @@ def test_arrivals_are_a_poisson_process_at_the_rate(bench):
     assert {r["length"] for r in trace if r["kind"] == "long"} == {32768, 65536, 131072}
 
 
+def test_another_rate_gives_the_same_requests_on_a_scaled_clock(bench):
+    """So that runs at the rate each engine family needs replay the same requests."""
+    slow, fast = make_trace(bench, rate=1.0), make_trace(bench, rate=4.0)
+    assert [{**r, "arrival_s": None} for r in slow] == [{**r, "arrival_s": None} for r in fast]
+    assert [r["arrival_s"] / 4 for r in slow] == pytest.approx([r["arrival_s"] for r in fast])
+
+
 def test_prompts_are_retrieval_prompts_and_filler_at_their_lengths(bench):
     from sparse_prefill.eval.archs import byte_tokenizer
 
