@@ -36,10 +36,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import dataclasses
+import http.client
 import json
 import math
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -47,6 +51,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -264,36 +269,114 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_folder(args, model, tok) -> str:
-    """A model folder the server can load: the model's own, with YaRN written into its config when asked."""
+def serve_folder(source: str | None, yarn: float | None, model=None, tok=None) -> str:
+    """A model folder the server can load: `source`'s own files with YaRN written into its config when asked; when
+    `source` is no folder (a built-in random-weight model: the script's own check), `model` and `tok` saved."""
+    from transformers import AutoConfig
+
     folder = Path(tempfile.mkdtemp(prefix="serve-model-"))
-    source = Path(args.model) if args.model else None  # --arch: random weights, saved below
-    if source is not None and source.is_dir():
-        for item in source.iterdir():
+    path = Path(source) if source else None
+    if path is not None and path.is_dir():
+        for item in path.iterdir():
             if item.name != "config.json":
                 (folder / item.name).symlink_to(item.resolve())
-        config = type(model.config).from_pretrained(source)
-        if args.yarn:
-            config = with_yarn(config, args.yarn)
+        config = AutoConfig.from_pretrained(path)
+        if yarn:
+            config = with_yarn(config, yarn)
         config.save_pretrained(folder)
-    else:  # a built-in random-weight model (the script's own check)
+    else:
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
     return str(folder)
 
 
-def serve_command(mode: str, folder: str, port: int, args, config: SparsePrefillConfig, total: int) -> list[str]:
-    blocks = math.ceil(total * 1.05 / PAGE) + 8
-    common = [folder, "--host", "127.0.0.1", "--port", str(port), "--device", args.device, "--dtype",
-              "bfloat16" if args.device == "cuda" else "float32", "--continuous-batching", "--cb-block-size",
-              str(PAGE), "--cb-num-blocks", str(blocks), "--cb-max-batch-tokens", str(args.chunk), "--model-timeout",
-              "-1", "--max-model-len", str(max(args.long_lengths) + args.new_tokens + 64),
+def config_flags(config: SparsePrefillConfig) -> list[str]:
+    """`sparse-prefill serve` flags for every field of `config` that is not the default (None: "auto")."""
+    chosen = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if getattr(config, f.name) != getattr(SparsePrefillConfig(), f.name)}
+    return [x for name, value in chosen.items() for x in ("--" + name.replace("_", "-"),
+                                                          "auto" if value is None else str(value))]
+
+
+def serve_command(mode: str, folder: str, port: int, device: str, chunk: int, max_model_len: int, cache_tokens: int,
+                  config: SparsePrefillConfig) -> list[str]:
+    """`transformers serve` (mode "dense") or `sparse-prefill serve` with `config` (else) on 127.0.0.1:`port`:
+    continuous batching in prefill chunks of `chunk` tokens, a paged cache of `cache_tokens` tokens."""
+    blocks = math.ceil(cache_tokens * 1.05 / PAGE) + 8
+    common = [folder, "--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype",
+              "bfloat16" if device.startswith("cuda") else "float32", "--continuous-batching", "--cb-block-size",
+              str(PAGE), "--cb-num-blocks", str(blocks), "--cb-max-batch-tokens", str(chunk), "--model-timeout",
+              "-1", "--max-model-len", str(max_model_len),
               "--attn-implementation", "sdpa"]  # transformers' defaults otherwise: sdpa captures no CUDA graph
     if mode == "dense":
         return [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", *common]
-    fields = {"gamma": config.gamma, "min-seq-len": config.effective_min_seq_len, "block-size": config.block_size}
-    flags = [x for name, value in fields.items() for x in (f"--{name}", str(value))]
-    return [sys.executable, "-m", "sparse_prefill.cli", "serve", *flags, *common]
+    return [sys.executable, "-m", "sparse_prefill.cli", "serve", *config_flags(config), *common]
+
+
+def wait_until_ready(server: subprocess.Popen, port: int, log: Path, timeout: float) -> None:
+    """Returns once the server on `port` answers GET /v1/models; raises if it stops first or takes `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server stopped while starting (exit {server.returncode}):\n"
+                               f"{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except (OSError, http.client.HTTPException):  # not listening yet, or answering 5xx while it loads
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+
+
+def group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs: zombies aside (a container's init may reap them late, or
+    never), read from /proc where there is one."""
+    if not Path("/proc").is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):  # a process that ended while read
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stops the server and every process it started (its process group): SIGTERM, then SIGKILL to what is left
+    after 60 s; returns once none runs (or 60 s after the SIGKILL), so that the next server finds the GPU free."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            server.poll()  # reaps the leader
+            if not group_running(server.pid):
+                return
+            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def running_server(command: list[str], env: dict, log: Path, port: int, timeout: float):
+    """A server process on 127.0.0.1:`port`, its output in `log`, yielded once it answers; it and everything it
+    started are stopped on leaving, also on error."""
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_until_ready(server, port, log, timeout)
+        yield server
+    finally:
+        stop_server(server)
 
 
 def stream_request(client, model_id: str, text: str, new_tokens: int) -> dict:
@@ -316,30 +399,17 @@ def stage_serve(model, tok, args, config, device) -> list[dict]:
 
     inputs = mixed_inputs(tok, args)
     texts = [tok.decode(ids, skip_special_tokens=False) for ids in inputs]
-    folder = serve_folder(args, model, tok)
+    folder = serve_folder(args.model, args.yarn, model, tok)
     total = sum(len(x) for x in inputs) + len(inputs) * (args.new_tokens + PAGE)
+    max_model_len = max(args.long_lengths) + args.new_tokens + 64
     summary = []
     for mode in ("dense", "sparse"):
         port = free_port()
-        log = Path(args.out) / f"serve_{mode}.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
-        with open(log, "w") as out:
-            server = subprocess.Popen(serve_command(mode, folder, port, args, config, total), stdout=out,
-                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
+        command = serve_command(mode, folder, port, args.device, args.chunk, max_model_len, total, config)
+        with running_server(command, env, Path(args.out) / f"serve_{mode}.log", port, 300):
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600,
                                    max_retries=0)
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None:
-                    raise RuntimeError(f"the {mode} server stopped:\n{log.read_text()[-3000:]}")
-                try:
-                    client.models.list()
-                    break
-                except openai.APIConnectionError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"the {mode} server did not start in 300 s") from None
-                    time.sleep(1)
             stream_request(client, folder, texts[-1], 4)  # warm up
             for n in range(1, args.passes + 1):  # pass 1: the server's first long requests (kernel compiles)
                 start = time.perf_counter()
@@ -350,12 +420,6 @@ def stage_serve(model, tok, args, config, device) -> list[dict]:
                 for r, ids in zip(rows, inputs, strict=True):
                     r["prompt"] = len(ids)
                 summary += [{**row, "pass": n} for row in summarize_requests(rows, wall, mode, "serve")]
-        finally:
-            os.killpg(server.pid, 15)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, 9)
     shutil.rmtree(folder, ignore_errors=True)
     print(format_table(summary, ["path", "mode", "pass", "requests", "ttft_s", "ttft_max_s", "decode_tps",
                                  "throughput_tps"]))

@@ -387,16 +387,22 @@ def worker_command(args, argv, name, backend, plan_path, result_path, deadline) 
             str(result_path), "--deadline", str(deadline)]
 
 
+def vllm_env(backend: str, config: str, environ, pythonpath: str = "") -> dict:
+    """The environment a vLLM engine of `backend` runs in (bench_vllm's workers, bench_load's `vllm serve`):
+    `environ` with SPARSE_PREFILL_CONFIG=`config` for CUSTOM, this checkout (after `pythonpath`) on PYTHONPATH."""
+    return {**environ, "SPARSE_PREFILL_CONFIG": config if backend == "CUSTOM" else "",
+            "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",  # a 128K prompt plus its answer just past YaRN x4's 131072
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            # greedy decoding samples nothing; with FlashInfer's sampler on, vLLM imports FlashInfer at start
+            "VLLM_USE_FLASHINFER_SAMPLER": environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0"),
+            "PYTHONPATH": os.pathsep.join(p for p in (pythonpath, str(ROOT), environ.get("PYTHONPATH", "")) if p)}
+
+
 def run_engine(args, argv, name, backend, plan_path, tmp: Path, deadline: float) -> dict:
     """One engine in its own process; whatever it wrote, even if it died or ran out of time."""
     result_path = tmp / f"{len(list(tmp.iterdir()))}_{backend}.json"
-    env = {**os.environ, "SPARSE_PREFILL_CONFIG": args.config if backend == "CUSTOM" else "",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in the worker: the backend's timings readable
-           "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",  # a 128K prompt plus its answer just past YaRN x4's 131072
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           # greedy decoding samples nothing; with FlashInfer's sampler on, vLLM imports FlashInfer at start
-           "VLLM_USE_FLASHINFER_SAMPLER": os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**vllm_env(backend, args.config, os.environ),
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the engine core in the worker: the backend's timings readable
     started = time.perf_counter()
     try:
         proc = subprocess.run(worker_command(args, argv, name, backend, plan_path, result_path, deadline), env=env,
