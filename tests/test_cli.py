@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sparse_prefill.cli import build_parser, main
+from sparse_prefill.config import SparsePrefillConfig
 from sparse_prefill.eval import options, output
 from sparse_prefill.eval.options import DEFAULTS, parse_lengths
 
@@ -220,6 +221,41 @@ def test_fetch_model_lists_the_pins(capsys):
 def test_model_and_arch_together_is_an_error():
     with pytest.raises(ValueError, match="either --model"):
         main(["niah", "--model", "x", "--arch", "llama-3.1-8b", "--no-progress"])
+
+
+def _without_spaces(text: str) -> str:
+    return "".join(text.split())  # argparse wraps help lines, also after a hyphen
+
+
+def test_the_config_flags_help_is_the_config_fields_own():
+    """The flags' help comes from SparsePrefillConfig's field metadata: change a field's meaning there and every
+    command's help follows."""
+    text = _without_spaces(_help_of("niah"))
+    for field in dataclasses.fields(SparsePrefillConfig):
+        assert _without_spaces(field.metadata["meaning"]) in text, field.name
+        assert f"--{field.name.replace('_', '-')}{field.metadata['metavar']}" in text
+
+
+@pytest.fixture
+def serve_glue():
+    serve = pytest.importorskip("sparse_prefill.patches.serve")
+    try:
+        serve.check_version()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    return serve
+
+
+def test_serve_help_states_the_meaning_and_default_of_our_flags(serve_glue, capsys):
+    with pytest.raises(SystemExit) as exit:  # transformers serve's own help follows ours
+        main(["serve", "--help"])
+    assert exit.value.code == 0
+    text = _without_spaces(capsys.readouterr().out)
+    for field in dataclasses.fields(SparsePrefillConfig):
+        default = "auto" if field.default is None else field.default
+        flag = f"--{field.name.replace('_', '-')}{field.metadata['metavar']}"
+        assert _without_spaces(f"{field.metadata['meaning']} (default {default})") in text and flag in text
+    assert "--warm-upTOKENScompilethekernels" in text and text.index("--gammaG") < text.index("force_model")
 
 
 def _help_of(command: str) -> str:

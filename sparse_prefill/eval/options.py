@@ -12,6 +12,7 @@ Nothing here imports torch, transformers or matplotlib, so `sparse-prefill --hel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,20 +141,9 @@ def add_yarn_arg(g) -> None:
                         "Qwen2.5's 32K to 128K, as its model card documents)")
 
 
-# Every SparsePrefillConfig field as a flag: (metavar, help). Values stay strings until config_from_options.
-CONFIG_FLAGS = {
-    "gamma": ("G", "share of each head's attention mass the kept blocks must cover, in (0, 1]"),
-    "block_size": ("64|128", "tokens per query and key block"),
-    "min_budget_tokens": ("N", "least key tokens every (head, query block) keeps"),
-    "sink_blocks": ("N", "leading key blocks always kept"),
-    "local_blocks": ("N", "key blocks before the diagonal always kept"),
-    "exact_tail_tokens": ("N", "the query blocks of the last N queries attend every key block (0: off)"),
-    "question_blocks": ("N", "each head's N blocks most read by its exact last block, kept for every later row"),
-    "stride": ("S", "the estimate averages runs of S queries and keys; must divide the block size"),
-    "proxy_heads": ("q|kv|N", '"q": estimate every query head, "kv": one proxy per KV group, or a number of proxies'),
-    "min_seq_len": ("N|auto", "prompts shorter than this stay dense"),
-    "backend": ("auto|triton|torch", "attention kernels: Triton on CUDA fp16/bf16 with auto"),
-}
+# Every SparsePrefillConfig field as a flag: (metavar, meaning), from the field's own metadata (config.py), so
+# that these flags and `sparse-prefill serve`'s read the same. Values stay strings until config_from_options.
+CONFIG_FLAGS = {f.name: (f.metadata["metavar"], f.metadata["meaning"]) for f in dataclasses.fields(SparsePrefillConfig)}
 SELECTION_FLAGS = ("block_size", "min_budget_tokens", "sink_blocks", "local_blocks", "exact_tail_tokens",
                    "question_blocks", "stride", "proxy_heads")
 # Where the commands' default differs from the library's: evaluate the sparse path at every length.
@@ -164,8 +154,8 @@ def _config_help(field: str) -> str:
     text = CONFIG_FLAGS[field][1]
     library = getattr(SparsePrefillConfig(), field)
     if field in COMMAND_CONFIG:
-        return (f"{text} (default {COMMAND_CONFIG[field]} here: evaluate the sparse path at every length; "
-                f"auto: the library's automatic threshold)")
+        return (f"{text} (default {COMMAND_CONFIG[field]} here: evaluate the sparse path at every length; library "
+                f"default {'auto' if library is None else library})")
     return f"{text} (library default {library})"
 
 

@@ -136,11 +136,27 @@ def _with_prefill_graphs_off(cb_config, flash: bool):
     return cb_config
 
 
+def _add_warm_up_flag(parser) -> None:
+    parser.add_argument("--warm-up", dest="warm_up", type=int, default=None, metavar="TOKENS",
+                        help="compile the kernels for prompts up to TOKENS before serving (default: --max-model-len, "
+                             "else the model's context; 0: off)")
+
+
+def _add_config_flags(parser) -> None:
+    """Every SparsePrefillConfig field as a flag, its help the field's meaning and default (config.py's metadata)."""
+    import dataclasses
+
+    for field in dataclasses.fields(SparsePrefillConfig):
+        default = "auto" if field.default is None else field.default  # None is written auto on a command line
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                            metavar=field.metadata["metavar"], help=f"{field.metadata['meaning']} (default {default})")
+
+
 def parse_warm_up(argv: list[str]) -> tuple[int | None, list[str]]:
     """(`--warm-up TOKENS`, the other arguments). Default: transformers serve's `--max-model-len` where given,
     else the model's context (None); 0 turns the warm-up off."""
     ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    ours.add_argument("--warm-up", dest="warm_up", type=int, default=None)
+    _add_warm_up_flag(ours)
     known, rest = ours.parse_known_args(argv)
     if known.warm_up is not None:
         if known.warm_up < 0:
@@ -154,26 +170,30 @@ def parse_warm_up(argv: list[str]) -> tuple[int | None, list[str]]:
 def parse_config_flags(argv: list[str]) -> tuple[SparsePrefillConfig, list[str]]:
     """(config, the other arguments): every SparsePrefillConfig field as a flag (`--gamma 0.9`,
     `--min-seq-len auto`), the rest left for transformers serve."""
-    import dataclasses
-
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for field in dataclasses.fields(SparsePrefillConfig):
-        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None)
+    _add_config_flags(parser)
     known, rest = parser.parse_known_args(argv)
     options = {name: value for name, value in vars(known).items() if value is not None}
     return config_from_options(options), rest
+
+
+def help_text() -> str:
+    """What `sparse-prefill serve --help` prints above transformers serve's own help."""
+    parser = argparse.ArgumentParser(
+        prog="sparse-prefill serve", add_help=False,
+        usage="%(prog)s [MODEL] [SparsePrefillConfig flags] [--warm-up TOKENS] [transformers serve options]",
+        description="transformers serve with every model it loads patched for sparse prefill. MODEL: a local model "
+                    "folder or a Hub repo id (owner/name); without it, each request names its model.")
+    _add_config_flags(parser.add_argument_group("SparsePrefillConfig flags"))
+    _add_warm_up_flag(parser.add_argument_group("kernel warm-up"))
+    return parser.format_help() + "\ntransformers serve's own options follow.\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """`sparse-prefill serve ...`: parse our flags, then run transformers serve's command on the rest."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--help" in argv or "-h" in argv:
-        fields = ", ".join("--" + name.replace("_", "-") for name in SparsePrefillConfig.__dataclass_fields__)
-        print("sparse-prefill serve MODEL [SparsePrefillConfig flags] [transformers serve options]\n\n"
-              f"SparsePrefillConfig flags (see the README's Configuration table): {fields}.\n"
-              "--warm-up TOKENS: compile the kernels for prompts up to TOKENS before serving (default: "
-              "--max-model-len, else the model's context; 0: off).\n"
-              "The transformers serve options follow.\n")
+        print(help_text())
     try:
         check_version()
         warm_up_len, argv = parse_warm_up(argv)
