@@ -218,9 +218,90 @@ def test_fetch_model_lists_the_pins(capsys):
     assert "smollm2-135m-instruct" in out and "qwen2.5-coder-1.5b-instruct" in out
 
 
-def test_model_and_arch_together_is_an_error():
-    with pytest.raises(ValueError, match="either --model"):
-        main(["niah", "--model", "x", "--arch", "llama-3.1-8b", "--no-progress"])
+# ---------------------------------------------------------------- a user's mistake: one line, exit 2
+
+def _one_line_error(capsys, command: str) -> str:
+    """The error `sparse-prefill COMMAND` printed: exactly one line, the command's, and no traceback."""
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"sparse-prefill {command}: error: "), err
+    return err
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail a test that gets as far as loading a model (or running the demo) instead of refusing first."""
+    from sparse_prefill.eval import archs, demo, models
+
+    for module, name in ((archs, "resolve_model"), (models, "load_model"), (demo, "synthetic_demo"),
+                         (demo, "model_demo"), (models, "fetch_model")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("went on after a mistake"))
+
+
+@pytest.mark.parametrize("command", ["niah", "demo", "ppl", "recall"])
+@pytest.mark.parametrize("kind", ["missing", "folder without config.json", "not a .gguf file"])
+def test_a_bad_model_path_is_one_line_naming_what_to_pass(tmp_path, capsys, no_model_loads, command, kind):
+    path = {"missing": tmp_path / "nosuchmodel", "folder without config.json": tmp_path,
+            "not a .gguf file": tmp_path / "weights.bin"}[kind]
+    if kind == "not a .gguf file":
+        path.write_bytes(b"weights")
+    assert main([command, "--model", str(path)]) == 2
+    err = _one_line_error(capsys, command)
+    assert f"--model {path} " in err and "a .gguf file, nor a pinned model name" in err and "pass one" in err
+
+
+def test_fetching_an_unknown_model_is_one_line_naming_the_pins(capsys, no_model_loads):
+    assert main(["fetch-model", "nosuchmodel"]) == 2
+    err = _one_line_error(capsys, "fetch-model")
+    assert "'nosuchmodel'" in err and "smollm2-135m-instruct" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["niah", "--model", "x", "--arch", "llama-3.1-8b"], "either --model"),
+    (["niah", "--arch", "gpt-5"], "Unknown --arch 'gpt-5'; choose one of: "),
+    (["niah", "--device", "gpu"], "--device gpu is no device torch knows; pass cuda, cuda:N or cpu"),
+])
+def test_a_bad_choice_is_one_line_before_anything_runs(tmp_path, capsys, no_model_loads, argv, expected):
+    assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 2
+    assert expected in _one_line_error(capsys, argv[0])
+
+
+@pytest.mark.parametrize("command", ["demo", "niah"])
+def test_a_gpu_asked_for_that_is_not_there_is_refused(tmp_path, monkeypatch, capsys, no_model_loads, command):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([command, "--device", "cuda", "--no-progress", "--out", str(tmp_path)]) == 2
+    err = _one_line_error(capsys, command)
+    assert "--device cuda: torch sees no CUDA GPU" in err and "--device cpu" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["niah", "--lengths", "4kk"], "argument --lengths: '4kk' is not a length in tokens; write e.g. 4k,8192"),
+    (["niah", "--lengths", "1k,0"], "'0' is not a length in tokens"),
+    (["sweep", "--gammas", "0.5,x"], "argument --gammas: 'x' is not a number; write e.g. 0.5,0.9"),
+    (["ruler", "--tasks", "vt,nope"], "argument --tasks: 'nope' is not one of niah_single, "),
+    (["recall", "--model", "m.gguf", "--layers", "0,a"], "argument --layers: 'a' is not an integer"),
+    (["recall", "--model", "m.gguf", "--policies", "ours,best"], "'best' is not one of ours, oracle, "),
+    (["niah", "--task", "nope"], "argument --task: invalid choice: 'nope'"),
+])
+def test_a_value_argparse_refuses_is_one_line_naming_it(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = _one_line_error(capsys, argv[0])
+    assert expected in err and f"(see `sparse-prefill {argv[0]} --help`)" in err
+
+
+def test_mistakes_are_refused_before_torch_or_transformers_is_imported():
+    """Refusing a bad --gamma, --model or --lengths takes a fraction of a second, not the seconds of the imports.
+    (A --stride of 128 is refused only on the tiny default model, whose preset has blocks of 64.)"""
+    code = ("import sys; from sparse_prefill.cli import main\n"
+            "codes = [main(['niah', '--gamma', '2']), main(['ppl', '--model', '/nonexistent/model']),\n"
+            "         main(['fetch-model', 'nosuchmodel']), main(['speed', '--stride', '128'])]\n"
+            "try:\n    main(['niah', '--lengths', '4kk'])\nexcept SystemExit as exit:\n    codes.append(exit.code)\n"
+            "print(*codes, *(m in sys.modules for m in ('torch', 'transformers')))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["2", "2", "2", "2", "2", "False", "False"]
+    assert len(run.stderr.splitlines()) == 5 and "SparsePrefillConfig.gamma=2.0 is not allowed" in run.stderr
+    assert "stride must be an int >= 1 that divides block_size=64" in run.stderr
 
 
 def _without_spaces(text: str) -> str:
@@ -256,6 +337,22 @@ def test_serve_help_states_the_meaning_and_default_of_our_flags(serve_glue, caps
         flag = f"--{field.name.replace('_', '-')}{field.metadata['metavar']}"
         assert _without_spaces(f"{field.metadata['meaning']} (default {default})") in text and flag in text
     assert "--warm-upTOKENScompilethekernels" in text and text.index("--gammaG") < text.index("force_model")
+
+
+def test_serve_refuses_a_model_that_is_neither_a_path_nor_a_hub_repo_id(serve_glue, tmp_path, capsys):
+    assert main(["serve", "/nonexistent/model", "--gamma", "0.9", "--port", "9"]) == 2
+    err = _one_line_error(capsys, "serve")
+    assert "MODEL /nonexistent/model does not exist" in err and "owner/name" in err
+    for model in (None, str(tmp_path), "owner/name", "owner/name@v1", "owner/name:weights.gguf", "gpt2"):
+        serve_glue.check_model(model)  # a path that exists, or what the Hub could hold: left to transformers serve
+    for model in ("/nonexistent/model", "models/a/b", "~/model", str(tmp_path / "missing.gguf")):
+        with pytest.raises(ValueError, match="no Hub repo id"):
+            serve_glue.check_model(model)
+
+
+def test_serve_refuses_a_bad_warm_up_in_one_line(serve_glue, capsys):
+    assert main(["serve", "owner/name", "--warm-up", "soon"]) == 2
+    assert "--warm-up" in _one_line_error(capsys, "serve")
 
 
 def _help_of(command: str) -> str:

@@ -27,15 +27,55 @@ class CommandError(ValueError):
     message, without a traceback, and exits with status 2."""
 
 
+def _comma_list(text: str, parse, what: str, example: str) -> list:
+    """The comma-separated items of a flag's value, each read by `parse`. An item it cannot read is an
+    ArgumentTypeError, which argparse reports as the user's mistake (exit 2) naming the item and the form to write."""
+    values = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            values.append(parse(item))
+        except (ValueError, OverflowError):  # OverflowError: 'infk'
+            raise argparse.ArgumentTypeError(f"{item!r} is not {what}; write e.g. {example}") from None
+    return values
+
+
 def parse_floats(text: str) -> list[float]:
     """'0.1, 0.5' -> [0.1, 0.5]."""
-    return [float(x) for x in text.split(",") if x.strip()]
+    return _comma_list(text, float, "a number", "0.5,0.9")
+
+
+def parse_ints(text: str) -> list[int]:
+    """'0, 3' -> [0, 3]."""
+    return _comma_list(text, int, "an integer", "0,3")
+
+
+def parse_names(allowed: tuple[str, ...]):
+    """A flag's `type` for a comma list of names from `allowed`: 'a, b' -> ['a', 'b']."""
+    def name(item: str) -> str:
+        if item not in allowed:
+            raise ValueError(item)
+        return item
+
+    def parse(text: str) -> list[str]:
+        return _comma_list(text, name, f"one of {', '.join(allowed)}", ",".join(allowed[:2]))
+
+    return parse
+
+
+def _length(item: str) -> int:
+    """'4k' -> 4096, '8192' -> 8192: a prompt length in tokens (k = 1024), which must be positive."""
+    item = item.lower()
+    tokens = int(float(item[:-1]) * 1024) if item.endswith("k") else int(item)
+    if tokens < 1:
+        raise ValueError(item)
+    return tokens
 
 
 def parse_lengths(text: str) -> list[int]:
     """'4k,8192' -> [4096, 8192] (k = 1024)."""
-    items = [x.strip().lower() for x in text.split(",") if x.strip()]
-    return [int(float(x[:-1]) * 1024) if x.endswith("k") else int(x) for x in items]
+    return _comma_list(text, _length, "a length in tokens", "4k,8192 (k = 1024)")
 
 
 def show(values) -> str:
@@ -209,3 +249,16 @@ def add_output_args(p: argparse.ArgumentParser, command: str, progress: bool = T
     g.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     if progress:
         g.add_argument("--no-progress", action="store_true")
+
+
+# ---------------------------------------------------------------- the config a command runs under
+
+def runs_tiny(args) -> bool:
+    """Whether the command runs the embedded tiny default model (no --model, no --arch)."""
+    return not getattr(args, "arch", None) and getattr(args, "model", None) in (None, "", TINY)
+
+
+def command_config(args):
+    """The config a model-running command runs under: its config flags on top of TINY_PRESET when the tiny
+    default model runs (its prompts are short), else on top of the library's defaults."""
+    return config_from_args(args, SparsePrefillConfig(**TINY_PRESET) if runs_tiny(args) else None)

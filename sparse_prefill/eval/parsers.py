@@ -2,7 +2,8 @@
 
 Defaults and the shared flag groups come from options.py. A command's run function is named, not imported
 (`_run("commands", "run_niah")`): its module is imported when the command runs, so that building the parser
-imports neither torch nor transformers and `--help` is instant.
+imports neither torch nor transformers and `--help` is instant. `check_args` refuses, before that import, the
+mistakes argparse cannot see (a model path that is not there, a bad config value, a GPU that is not there).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import importlib.util
 from pathlib import Path
 
 from .options import (
+    CONFIG_FLAGS,
     DEFAULTS,
     NIAH_TASKS,
     OUT_ROOT,
     RECALL_POLICIES,
     SELECTION_FLAGS,
+    CommandError,
     add_config_args,
     add_device_args,
     add_haystack_arg,
@@ -27,9 +30,13 @@ from .options import (
     add_output_args,
     add_task_args,
     add_yarn_arg,
+    command_config,
     parse_floats,
+    parse_ints,
+    parse_names,
     show,
 )
+from .output import check_output
 
 
 def _run(module: str, function: str):
@@ -92,7 +99,7 @@ def add_parsers(subparsers) -> None:
 
     p = _model_command(subparsers, "ruler",
                        help="RULER-style tasks (NIAH variants, passkey, vt, cwe, fwe), dense vs sparse")
-    p.add_argument("--tasks", type=lambda t: t.split(","), default=list(TASKS),
+    p.add_argument("--tasks", type=parse_names(tuple(TASKS)), default=list(TASKS),
                    help=f"comma list (default all: {','.join(TASKS)})")
     add_task_args(p, DEFAULTS["ruler"], tuple(TASKS))
     add_output_args(p, "ruler")
@@ -128,10 +135,10 @@ def add_parsers(subparsers) -> None:
                    help="passkey depth in the haystack, 0..1 (default %(default)s)")
     p.add_argument("--gammas", type=parse_floats, default=list(recall.gammas),
                    help=f"gamma values swept by every policy, the oracle's g (default {show(recall.gammas)})")
-    p.add_argument("--policies", type=lambda t: [x.strip() for x in t.split(",")], default=list(RECALL_POLICIES),
+    p.add_argument("--policies", type=parse_names(RECALL_POLICIES), default=list(RECALL_POLICIES),
                    help=f"any of {', '.join(RECALL_POLICIES)} (default all)")
     add_config_args(p, SELECTION_FLAGS, "selection config (defaults: the library's; --gammas sweeps gamma)")
-    p.add_argument("--layers", type=lambda t: [int(x) for x in t.split(",")],
+    p.add_argument("--layers", type=parse_ints,
                    help="comma-separated layer indices (default: all)")
     p.add_argument("--device", help="where the model and policies run (default: cuda if any)")
     add_yarn_arg(p)
@@ -153,3 +160,48 @@ def add_parsers(subparsers) -> None:
                               description="Runs `lm_eval` with the `sparse_hf` model registered and our generated "
                                           "tasks on its include path; all arguments go to lm_eval.", add_help=False)
     p.set_defaults(func=None)  # cli.main hands `lm-eval ...` to lm_harness.main before parsing
+
+
+# ---------------------------------------------------------------- what argparse cannot check
+
+def check_args(args) -> None:
+    """Refuse, with a CommandError (one line, exit 2), what the user got wrong and the file system or the config
+    can tell at once: the model, --arch, the config flags, the output folder; a --device that is not there last,
+    since only it needs torch. `sparse-prefill` calls it before a command imports torch or transformers (seconds)."""
+    model = getattr(args, "model", None)
+    try:
+        if args.command == "recall":  # recall loads --model with models.load_model: a trained model only
+            from .models import check_model
+
+            check_model(model)
+        else:
+            from .archs import check_model_choice
+
+            check_model_choice(model, getattr(args, "arch", None))
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    if any(field in vars(args) for field in CONFIG_FLAGS):
+        command_config(args)  # recall's base differs only in min_seq_len, which is not one of its flags
+    if "out" in vars(args):
+        check_output(args.out, args.command, args.overwrite)
+    if getattr(args, "device", None):
+        check_device(args.device)
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device that torch does not know or this machine does not have, rather than fail later or run
+    elsewhere."""
+    import torch
+
+    try:
+        asked = torch.device(device)
+    except RuntimeError:
+        raise CommandError(f"--device {device} is no device torch knows; pass cuda, cuda:N or cpu.") from None
+    if asked.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: torch sees no CUDA GPU on this machine; pass --device cpu, or leave "
+                           "--device out to use cuda when there is one.")
+    if asked.index is not None and asked.index >= torch.cuda.device_count():
+        raise CommandError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here, numbered "
+                           "from 0; pass one of them, or --device cuda.")

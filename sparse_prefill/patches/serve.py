@@ -155,7 +155,7 @@ def _add_config_flags(parser) -> None:
 def parse_warm_up(argv: list[str]) -> tuple[int | None, list[str]]:
     """(`--warm-up TOKENS`, the other arguments). Default: transformers serve's `--max-model-len` where given,
     else the model's context (None); 0 turns the warm-up off."""
-    ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     _add_warm_up_flag(ours)
     known, rest = ours.parse_known_args(argv)
     if known.warm_up is not None:
@@ -170,7 +170,7 @@ def parse_warm_up(argv: list[str]) -> tuple[int | None, list[str]]:
 def parse_config_flags(argv: list[str]) -> tuple[SparsePrefillConfig, list[str]]:
     """(config, the other arguments): every SparsePrefillConfig field as a flag (`--gamma 0.9`,
     `--min-seq-len auto`), the rest left for transformers serve."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     _add_config_flags(parser)
     known, rest = parser.parse_known_args(argv)
     options = {name: value for name, value in vars(known).items() if value is not None}
@@ -189,22 +189,60 @@ def help_text() -> str:
     return parser.format_help() + "\ntransformers serve's own options follow.\n"
 
 
+def check_model(model: str | None) -> None:
+    """Raise ValueError, naming the fix, for a MODEL that is neither an existing local path nor shaped like a Hub
+    repo id (`owner/name`, as huggingface_hub checks it): transformers serve would fail on it only in the model's
+    process, far down a long traceback. Its `@revision` and `:file.gguf` are read as transformers serve reads them."""
+    import os
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers.cli.serving.utils import parse_model_id
+
+    if model is None:  # no MODEL: each request names its own
+        return
+    repo = parse_model_id(model)[0]
+    if os.path.exists(repo):
+        return
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise ValueError(f"MODEL {model} does not exist here and is no Hub repo id (owner/name); pass a local model "
+                         "folder that exists, or a repo id such as Qwen/Qwen2.5-0.5B-Instruct.") from None
+
+
+def _model_of(command, argv: list[str]) -> str | None:
+    """MODEL as transformers serve's own parser (the click `command`) reads it from `argv`."""
+    context = command.make_context("sparse-prefill serve", list(argv), resilient_parsing=True)
+    return context.params.get("force_model")
+
+
+def _refuse(err: Exception) -> int:
+    """A user's mistake: its one line, exit status 2."""
+    print(f"sparse-prefill serve: error: {err}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """`sparse-prefill serve ...`: parse our flags, then run transformers serve's command on the rest."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--help" in argv or "-h" in argv:
+    asks_help = "--help" in argv or "-h" in argv
+    if asks_help:
         print(help_text())
     try:
         check_version()
         warm_up_len, argv = parse_warm_up(argv)
         config, rest = parse_config_flags(argv)
-    except (ValueError, RuntimeError) as err:
-        print(f"sparse-prefill serve: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, RuntimeError, argparse.ArgumentError) as err:
+        return _refuse(err)
     import typer
 
     SparseServe.sparse_config, SparseServe.warm_up_len = config, warm_up_len
     app = typer.Typer(add_completion=False)
     app.command()(SparseServe)
+    if not asks_help:
+        try:
+            check_model(_model_of(typer.main.get_command(app), rest))
+        except ValueError as err:
+            return _refuse(err)
     app(args=rest, prog_name="sparse-prefill serve")
     return 0
