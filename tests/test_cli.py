@@ -304,6 +304,36 @@ def test_mistakes_are_refused_before_torch_or_transformers_is_imported():
     assert "stride must be an int >= 1 that divides block_size=64" in run.stderr
 
 
+# ---------------------------------------------------------------- help and version
+
+def test_version_prints_the_package_version(capsys):
+    import sparse_prefill
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"sparse-prefill {sparse_prefill.__version__}\n"
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    (subparsers,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return subparsers.choices
+
+
+def test_every_command_and_every_flag_says_what_it_is():
+    """Each command has a line in `sparse-prefill --help` and a description on its own page; each of its flags a
+    help that says more than its default."""
+    (listing,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {action.dest for action in listing._choices_actions} == set(_subparsers())
+    assert all(action.help for action in listing._choices_actions)
+    for name, parser in _subparsers().items():
+        if name == "serve":  # its page is its own (patches/serve.py, tested below)
+            continue
+        assert parser.description, name
+        for action in parser._actions:
+            if action.option_strings and action.help != argparse.SUPPRESS:
+                assert action.help and not action.help.startswith("default"), (name, action.option_strings)
+
+
 def _without_spaces(text: str) -> str:
     return "".join(text.split())  # argparse wraps help lines, also after a hyphen
 
@@ -353,6 +383,18 @@ def test_serve_refuses_a_model_that_is_neither_a_path_nor_a_hub_repo_id(serve_gl
 def test_serve_refuses_a_bad_warm_up_in_one_line(serve_glue, capsys):
     assert main(["serve", "owner/name", "--warm-up", "soon"]) == 2
     assert "--warm-up" in _one_line_error(capsys, "serve")
+
+
+def test_lm_eval_help_tells_of_sparse_hf_and_its_model_args_first(capsys):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(SystemExit) as exit:
+        main(["lm-eval", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    ours = out[:out.index("usage: lm-eval")]  # lm-eval's own help follows ours
+    assert "--model sparse_hf" in ours and "sparse=False" in ours and "max_length" in ours
+    assert all(field.name in ours for field in dataclasses.fields(SparsePrefillConfig))
+    assert "sparse_ruler" in ours and "sparse_passkey" in ours
 
 
 def _help_of(command: str) -> str:

@@ -172,7 +172,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_device_args(g) -> None:
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+                   help="the weights' and activations' type (default: bfloat16 on CUDA, float32 on CPU)")
 
 
 def add_yarn_arg(g) -> None:
@@ -226,19 +226,24 @@ def add_task_args(p: argparse.ArgumentParser, defaults: Defaults, tasks=()) -> N
     g.add_argument("--seeds", type=int, help=f"examples per (task, length, depth) (default {defaults.tiny_seeds} on "
                                              f"the tiny model, else {defaults.seeds})")
     add_haystack_arg(g, defaults)
-    g.add_argument("--metric", choices=("contains", "exact"), default="contains", help="default: %(default)s")
+    g.add_argument("--metric", choices=("contains", "exact"), default="contains",
+                   help="an answer is right when it contains the expected value, or only when it is exactly it "
+                        "(default: %(default)s)")
     g.add_argument("--no-chat-template", action="store_true", help="plain prompts even when the tokenizer has a "
                                                                     "chat template")
 
 
 def add_haystack_arg(g, defaults: Defaults) -> None:
-    g.add_argument("--haystack", choices=("noise", "prose"), default=defaults.haystack, help="default: %(default)s")
+    g.add_argument("--haystack", choices=("noise", "prose"), default=defaults.haystack,
+                   help="the text around the needles: RULER's repeated noise sentences, or Python's documentation "
+                        "(default: %(default)s)")
 
 
 def add_lengths_arg(p: argparse.ArgumentParser, defaults: Defaults) -> None:
     """--lengths alone (ppl, speed): a default per model kind."""
     p.add_argument("--lengths", type=parse_lengths,
-                   help=f"default {show(defaults.tiny_lengths)} on random-weight models, else {show(defaults.lengths)}")
+                   help=f"comma list of prompt lengths in tokens, e.g. 4k,8k (default {show(defaults.tiny_lengths)} on "
+                        f"random-weight models, else {show(defaults.lengths)})")
 
 
 def add_output_args(p: argparse.ArgumentParser, command: str, progress: bool = True) -> None:
@@ -248,7 +253,7 @@ def add_output_args(p: argparse.ArgumentParser, command: str, progress: bool = T
                                             "results is refused unless --overwrite")
     g.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     if progress:
-        g.add_argument("--no-progress", action="store_true")
+        g.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for logs)")
 
 
 # ---------------------------------------------------------------- the config a command runs under

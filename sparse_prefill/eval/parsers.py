@@ -93,33 +93,53 @@ def add_parsers(subparsers) -> None:
                                    "prompts. Writes results.jsonl, summary.json, niah_heatmap.png, density.json and "
                                    f"density_heatmap.png to a new folder per run, {OUT_ROOT}/niah/YYYYmmdd-HHMMSS/, "
                                    "or to --out.")
-    p.add_argument("--task", choices=NIAH_TASKS, default="niah_single", help="default: %(default)s")
+    p.add_argument("--task", choices=NIAH_TASKS, default="niah_single",
+                   help="one needle; one among distractor keys; several values of one key; several keys asked at "
+                        "once; a passkey (default: %(default)s)")
     add_task_args(p, DEFAULTS["niah"], NIAH_TASKS)
     add_output_args(p, "niah")
 
     p = _model_command(subparsers, "ruler",
-                       help="RULER-style tasks (NIAH variants, passkey, vt, cwe, fwe), dense vs sparse")
+                       help="RULER-style tasks (NIAH variants, passkey, vt, cwe, fwe), dense vs sparse",
+                       description="RULER-style tasks (the NIAH variants, passkey, variable tracking, common- and "
+                                   "frequent-words extraction), dense and sparse on the same model and prompts. "
+                                   "Writes results.jsonl, summary.json, density.json and density_heatmap.png to a new "
+                                   f"folder per run, {OUT_ROOT}/ruler/YYYYmmdd-HHMMSS/, or to --out.")
     p.add_argument("--tasks", type=parse_names(tuple(TASKS)), default=list(TASKS),
                    help=f"comma list (default all: {','.join(TASKS)})")
     add_task_args(p, DEFAULTS["ruler"], tuple(TASKS))
     add_output_args(p, "ruler")
 
-    p = _model_command(subparsers, "ppl", help="perplexity of long text, dense vs sparse")
+    p = _model_command(subparsers, "ppl", help="perplexity of long text, dense vs sparse",
+                       description="Perplexity of long text (all of it, and its second half, whose tokens see the "
+                                   "longest context), dense and sparse on the same model and text. Writes "
+                                   f"results.jsonl to a new folder per run, {OUT_ROOT}/ppl/YYYYmmdd-HHMMSS/, or to "
+                                   "--out.")
     add_lengths_arg(p, DEFAULTS["ppl"])
     add_haystack_arg(p, DEFAULTS["ppl"])
     add_output_args(p, "ppl")
 
-    p = _model_command(subparsers, "speed", help="prefill time on this device: dense SDPA backends vs sparse")
+    p = _model_command(subparsers, "speed", help="prefill time on this device: dense SDPA backends vs sparse",
+                       description="Prefill time on this device: one attention layer and the whole model's prefill, "
+                                   "dense SDPA backends vs sparse (selection and kernel timed apart). Writes "
+                                   f"results.jsonl to a new folder per run, {OUT_ROOT}/speed/YYYYmmdd-HHMMSS/, or to "
+                                   "--out. On a CPU the sparse path runs the PyTorch reference: time it on a GPU.")
     add_lengths_arg(p, DEFAULTS["speed"])
-    p.add_argument("--what", choices=("attention", "e2e", "both"), default="both", help="default: %(default)s")
+    p.add_argument("--what", choices=("attention", "e2e", "both"), default="both",
+                   help="time one attention layer, the model's whole prefill (e2e), or both (default: %(default)s)")
     p.add_argument("--densities", help="force densities: one number, or a JSON file of per-layer densities "
                                        "(density.json from `sparse-prefill niah`)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default %(default)s)")
     add_output_args(p, "speed")
 
     sweep = DEFAULTS["sweep"]
-    p = _model_command(subparsers, "sweep", help="gamma sweep: accuracy vs prefill speedup curve")
-    p.add_argument("--task", choices=tuple(TASKS), default="niah_single", help="default: %(default)s")
+    p = _model_command(subparsers, "sweep", help="gamma sweep: accuracy vs prefill speedup curve",
+                       description="A sweep of gamma: one dense run, then one sparse run per --gammas value on the "
+                                   "same prompts, for the curve of accuracy against prefill speedup. Writes "
+                                   "results.jsonl, summary.json and accuracy_vs_speedup.png to a new folder per run, "
+                                   f"{OUT_ROOT}/sweep/YYYYmmdd-HHMMSS/, or to --out.")
+    p.add_argument("--task", choices=tuple(TASKS), default="niah_single", help="the task whose prompts are run "
+                                                                                "(default: %(default)s)")
     p.add_argument("--gammas", type=parse_floats, default=list(sweep.gammas),
                    help=f"gamma values, one sparse run each (default {show(sweep.gammas)})")
     add_task_args(p, sweep)
