@@ -397,6 +397,29 @@ def test_lm_eval_help_tells_of_sparse_hf_and_its_model_args_first(capsys):
     assert "sparse_ruler" in ours and "sparse_passkey" in ours
 
 
+def test_the_demo_says_why_its_config_is_not_the_librarys(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["demo", "--out", str(tmp_path)]) == 0  # the synthetic problem, 4K tokens
+    out = capsys.readouterr().out
+    config, note = out.splitlines()[1:3]
+    assert config.startswith("config: SparsePrefillConfig(block_size=64,")
+    assert note.startswith("note: the library's default config except block_size 64 (library 128), "
+                           "min_budget_tokens 256 (library 1024), exact_tail_tokens 64 (library 256), "
+                           "question_blocks 2 (library 8): scaled down for a 4k-token prompt")
+    assert "min_seq_len 0 (library auto: 12288), so that the sparse path runs at every length" in note
+
+
+def test_the_demos_note_follows_its_config():
+    from sparse_prefill.eval.demo import config_note
+
+    demo = DEFAULTS["demo"]
+    long = config_note(SparsePrefillConfig(min_seq_len=0), 32 * 1024, demo)  # the GPU demo's: 32K tokens
+    assert "block_size" not in long and "scaled" not in long and "min_seq_len 0 (library auto" in long
+    assert config_note(SparsePrefillConfig(), 32 * 1024, demo) == "note: the library's default config."
+    synthetic = config_note(SparsePrefillConfig(block_size=64), 8 * 1024, demo)
+    assert "block_size 64 (library 128): the synthetic problem's budgets at every length" in synthetic
+
+
 def _help_of(command: str) -> str:
     (subparsers,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     return " ".join(subparsers.choices[command].format_help().split())
