@@ -7,6 +7,11 @@ model (a smoke run on a CPU). Their flags and defaults live in `sparse_prefill.e
 `eval.options`, their runs in `eval.commands`, `eval.recall` and `eval.demo`. Building the parser imports
 neither torch nor transformers, so `--help` is instant. `serve` runs transformers serve with every model it
 loads patched (`sparse_prefill.patches.serve`).
+
+A user's mistake (a bad value, a model path that is not there, a GPU that is not there) ends the command with
+one line, `sparse-prefill COMMAND: error: ...`, naming the problem and the fix, and exit status 2; what the
+flags and the file system can tell is refused before torch and transformers are imported (`eval.parsers.check_args`).
+A bug still ends with its traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +20,19 @@ import argparse
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, the problem and where the flags are explained, instead of
+    argparse's usage block above it (its subcommands' parsers are of this class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparse-prefill", description="Block-sparse prefill for transformers models.")
+    from . import __version__
+
+    parser = _Parser(prog="sparse-prefill", description="Block-sparse prefill for transformers models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     from .eval.parsers import add_parsers
 
@@ -42,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from .eval.options import CommandError
+    from .eval.parsers import check_args
 
     try:
+        check_args(args)  # the user's mistakes, found before the command imports torch and transformers
         return args.func(args)
     except CommandError as err:  # a request we cannot carry out: its message, no traceback
         print(f"sparse-prefill {args.command}: error: {err}", file=sys.stderr)

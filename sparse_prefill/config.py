@@ -7,10 +7,15 @@ kept blocks cost time and buy accuracy.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 _BACKENDS = ("auto", "triton", "torch")
 _BLOCK_SIZES = (64, 128)
+
+
+def _knob(default, metavar: str, meaning: str):
+    """A config field with what its command-line flag takes (`metavar`) and means (`meaning`), in its metadata."""
+    return field(default=default, metadata={"metavar": metavar, "meaning": meaning})
 
 
 @dataclass(frozen=True)
@@ -54,17 +59,27 @@ class SparsePrefillConfig:
             elsewhere; "triton" or "torch" force one.
     """
 
-    block_size: int = 128
-    gamma: float = 0.95
-    min_budget_tokens: int = 1024
-    sink_blocks: int = 1
-    local_blocks: int = 1
-    exact_tail_tokens: int = 256
-    question_blocks: int = 8
-    stride: int = 16
-    proxy_heads: str | int = "q"
-    min_seq_len: int | None = None
-    backend: str = "auto"
+    # Each field's `meaning` is its one-line help wherever it is a flag (the eval commands, `sparse-prefill serve`);
+    # `metavar` says what the flag takes. The attributes above explain them at length.
+    block_size: int = _knob(128, "64|128", "tokens per query and key block")
+    gamma: float = _knob(0.95, "G", "share of each head's attention mass the kept blocks must cover, in (0, 1]; "
+                                    "1 keeps every causal block")
+    min_budget_tokens: int = _knob(1024, "N", "every (head, query block) keeps at least this many keys' worth of "
+                                              "blocks")
+    sink_blocks: int = _knob(1, "N", "leading key blocks always kept")
+    local_blocks: int = _knob(1, "N", "key blocks before the diagonal always kept (the diagonal itself always is)")
+    exact_tail_tokens: int = _knob(256, "N", "the query blocks holding the last N queries attend every causal block "
+                                             "(0: off)")
+    question_blocks: int = _knob(8, "N", "each head's N blocks most read by its exact last query block, kept for every "
+                                         "later row (0: off)")
+    stride: int = _knob(16, "S", "the estimate averages runs of S queries and keys into one; must divide the block "
+                                 "size")
+    proxy_heads: str | int = _knob("q", "q|kv|N", "q estimates every query head on its own, kv one proxy per KV group, "
+                                                  "N that many proxies")
+    min_seq_len: int | None = _knob(None, "N|auto", "prefill with fewer keys than this stays dense; auto: max(12288, "
+                                                    "4 x min_budget_tokens), the measured break-even on small models")
+    backend: str = _knob("auto", "auto|triton|torch", "auto: the Triton kernels on CUDA fp16/bf16, the PyTorch "
+                                                      "reference elsewhere; triton or torch force one")
 
     def __post_init__(self) -> None:
         def fail(field: str, allowed: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sparse_prefill.cli import build_parser, main
+from sparse_prefill.config import SparsePrefillConfig
 from sparse_prefill.eval import options, output
 from sparse_prefill.eval.options import DEFAULTS, parse_lengths
 
@@ -217,9 +218,206 @@ def test_fetch_model_lists_the_pins(capsys):
     assert "smollm2-135m-instruct" in out and "qwen2.5-coder-1.5b-instruct" in out
 
 
-def test_model_and_arch_together_is_an_error():
-    with pytest.raises(ValueError, match="either --model"):
-        main(["niah", "--model", "x", "--arch", "llama-3.1-8b", "--no-progress"])
+# ---------------------------------------------------------------- a user's mistake: one line, exit 2
+
+def _one_line_error(capsys, command: str) -> str:
+    """The error `sparse-prefill COMMAND` printed: exactly one line, the command's, and no traceback."""
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"sparse-prefill {command}: error: "), err
+    return err
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail a test that gets as far as loading a model (or running the demo) instead of refusing first."""
+    from sparse_prefill.eval import archs, demo, models
+
+    for module, name in ((archs, "resolve_model"), (models, "load_model"), (demo, "synthetic_demo"),
+                         (demo, "model_demo"), (models, "fetch_model")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("went on after a mistake"))
+
+
+@pytest.mark.parametrize("command", ["niah", "demo", "ppl", "recall"])
+@pytest.mark.parametrize("kind", ["missing", "folder without config.json", "not a .gguf file"])
+def test_a_bad_model_path_is_one_line_naming_what_to_pass(tmp_path, capsys, no_model_loads, command, kind):
+    path = {"missing": tmp_path / "nosuchmodel", "folder without config.json": tmp_path,
+            "not a .gguf file": tmp_path / "weights.bin"}[kind]
+    if kind == "not a .gguf file":
+        path.write_bytes(b"weights")
+    assert main([command, "--model", str(path)]) == 2
+    err = _one_line_error(capsys, command)
+    assert f"--model {path} " in err and "a .gguf file, nor a pinned model name" in err and "pass one" in err
+
+
+def test_fetching_an_unknown_model_is_one_line_naming_the_pins(capsys, no_model_loads):
+    assert main(["fetch-model", "nosuchmodel"]) == 2
+    err = _one_line_error(capsys, "fetch-model")
+    assert "'nosuchmodel'" in err and "smollm2-135m-instruct" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["niah", "--model", "x", "--arch", "llama-3.1-8b"], "either --model"),
+    (["niah", "--arch", "gpt-5"], "Unknown --arch 'gpt-5'; choose one of: "),
+    (["niah", "--device", "gpu"], "--device gpu is no device torch knows; pass cuda, cuda:N or cpu"),
+])
+def test_a_bad_choice_is_one_line_before_anything_runs(tmp_path, capsys, no_model_loads, argv, expected):
+    assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 2
+    assert expected in _one_line_error(capsys, argv[0])
+
+
+@pytest.mark.parametrize("command", ["demo", "niah"])
+def test_a_gpu_asked_for_that_is_not_there_is_refused(tmp_path, monkeypatch, capsys, no_model_loads, command):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([command, "--device", "cuda", "--no-progress", "--out", str(tmp_path)]) == 2
+    err = _one_line_error(capsys, command)
+    assert "--device cuda: torch sees no CUDA GPU" in err and "--device cpu" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["niah", "--lengths", "4kk"], "argument --lengths: '4kk' is not a length in tokens; write e.g. 4k,8192"),
+    (["niah", "--lengths", "1k,0"], "'0' is not a length in tokens"),
+    (["sweep", "--gammas", "0.5,x"], "argument --gammas: 'x' is not a number; write e.g. 0.5,0.9"),
+    (["ruler", "--tasks", "vt,nope"], "argument --tasks: 'nope' is not one of niah_single, "),
+    (["recall", "--model", "m.gguf", "--layers", "0,a"], "argument --layers: 'a' is not an integer"),
+    (["recall", "--model", "m.gguf", "--policies", "ours,best"], "'best' is not one of ours, oracle, "),
+    (["niah", "--task", "nope"], "argument --task: invalid choice: 'nope'"),
+])
+def test_a_value_argparse_refuses_is_one_line_naming_it(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = _one_line_error(capsys, argv[0])
+    assert expected in err and f"(see `sparse-prefill {argv[0]} --help`)" in err
+
+
+def test_mistakes_are_refused_before_torch_or_transformers_is_imported():
+    """Refusing a bad --gamma, --model or --lengths takes a fraction of a second, not the seconds of the imports.
+    (A --stride of 128 is refused only on the tiny default model, whose preset has blocks of 64.)"""
+    code = ("import sys; from sparse_prefill.cli import main\n"
+            "codes = [main(['niah', '--gamma', '2']), main(['ppl', '--model', '/nonexistent/model']),\n"
+            "         main(['fetch-model', 'nosuchmodel']), main(['speed', '--stride', '128'])]\n"
+            "try:\n    main(['niah', '--lengths', '4kk'])\nexcept SystemExit as exit:\n    codes.append(exit.code)\n"
+            "print(*codes, *(m in sys.modules for m in ('torch', 'transformers')))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["2", "2", "2", "2", "2", "False", "False"]
+    assert len(run.stderr.splitlines()) == 5 and "SparsePrefillConfig.gamma=2.0 is not allowed" in run.stderr
+    assert "stride must be an int >= 1 that divides block_size=64" in run.stderr
+
+
+# ---------------------------------------------------------------- help and version
+
+def test_version_prints_the_package_version(capsys):
+    import sparse_prefill
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"sparse-prefill {sparse_prefill.__version__}\n"
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    (subparsers,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return subparsers.choices
+
+
+def test_every_command_and_every_flag_says_what_it_is():
+    """Each command has a line in `sparse-prefill --help` and a description on its own page; each of its flags a
+    help that says more than its default."""
+    (listing,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {action.dest for action in listing._choices_actions} == set(_subparsers())
+    assert all(action.help for action in listing._choices_actions)
+    for name, parser in _subparsers().items():
+        if name == "serve":  # its page is its own (patches/serve.py, tested below)
+            continue
+        assert parser.description, name
+        for action in parser._actions:
+            if action.option_strings and action.help != argparse.SUPPRESS:
+                assert action.help and not action.help.startswith("default"), (name, action.option_strings)
+
+
+def _without_spaces(text: str) -> str:
+    return "".join(text.split())  # argparse wraps help lines, also after a hyphen
+
+
+def test_the_config_flags_help_is_the_config_fields_own():
+    """The flags' help comes from SparsePrefillConfig's field metadata: change a field's meaning there and every
+    command's help follows."""
+    text = _without_spaces(_help_of("niah"))
+    for field in dataclasses.fields(SparsePrefillConfig):
+        assert _without_spaces(field.metadata["meaning"]) in text, field.name
+        assert f"--{field.name.replace('_', '-')}{field.metadata['metavar']}" in text
+
+
+@pytest.fixture
+def serve_glue():
+    serve = pytest.importorskip("sparse_prefill.patches.serve")
+    try:
+        serve.check_version()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    return serve
+
+
+def test_serve_help_states_the_meaning_and_default_of_our_flags(serve_glue, capsys):
+    with pytest.raises(SystemExit) as exit:  # transformers serve's own help follows ours
+        main(["serve", "--help"])
+    assert exit.value.code == 0
+    text = _without_spaces(capsys.readouterr().out)
+    for field in dataclasses.fields(SparsePrefillConfig):
+        default = "auto" if field.default is None else field.default
+        flag = f"--{field.name.replace('_', '-')}{field.metadata['metavar']}"
+        assert _without_spaces(f"{field.metadata['meaning']} (default {default})") in text and flag in text
+    assert "--warm-upTOKENScompilethekernels" in text and text.index("--gammaG") < text.index("force_model")
+
+
+def test_serve_refuses_a_model_that_is_neither_a_path_nor_a_hub_repo_id(serve_glue, tmp_path, capsys):
+    assert main(["serve", "/nonexistent/model", "--gamma", "0.9", "--port", "9"]) == 2
+    err = _one_line_error(capsys, "serve")
+    assert "MODEL /nonexistent/model does not exist" in err and "owner/name" in err
+    for model in (None, str(tmp_path), "owner/name", "owner/name@v1", "owner/name:weights.gguf", "gpt2"):
+        serve_glue.check_model(model)  # a path that exists, or what the Hub could hold: left to transformers serve
+    for model in ("/nonexistent/model", "models/a/b", "~/model", str(tmp_path / "missing.gguf")):
+        with pytest.raises(ValueError, match="no Hub repo id"):
+            serve_glue.check_model(model)
+
+
+def test_serve_refuses_a_bad_warm_up_in_one_line(serve_glue, capsys):
+    assert main(["serve", "owner/name", "--warm-up", "soon"]) == 2
+    assert "--warm-up" in _one_line_error(capsys, "serve")
+
+
+def test_lm_eval_help_tells_of_sparse_hf_and_its_model_args_first(capsys):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(SystemExit) as exit:
+        main(["lm-eval", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    ours = out[:out.index("usage: lm-eval")]  # lm-eval's own help follows ours
+    assert "--model sparse_hf" in ours and "sparse=False" in ours and "max_length" in ours
+    assert all(field.name in ours for field in dataclasses.fields(SparsePrefillConfig))
+    assert "sparse_ruler" in ours and "sparse_passkey" in ours
+
+
+def test_the_demo_says_why_its_config_is_not_the_librarys(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["demo", "--out", str(tmp_path)]) == 0  # the synthetic problem, 4K tokens
+    out = capsys.readouterr().out
+    config, note = out.splitlines()[1:3]
+    assert config.startswith("config: SparsePrefillConfig(block_size=64,")
+    assert note.startswith("note: the library's default config except block_size 64 (library 128), "
+                           "min_budget_tokens 256 (library 1024), exact_tail_tokens 64 (library 256), "
+                           "question_blocks 2 (library 8): scaled down for a 4k-token prompt")
+    assert "min_seq_len 0 (library auto: 12288), so that the sparse path runs at every length" in note
+
+
+def test_the_demos_note_follows_its_config():
+    from sparse_prefill.eval.demo import config_note
+
+    demo = DEFAULTS["demo"]
+    long = config_note(SparsePrefillConfig(min_seq_len=0), 32 * 1024, demo)  # the GPU demo's: 32K tokens
+    assert "block_size" not in long and "scaled" not in long and "min_seq_len 0 (library auto" in long
+    assert config_note(SparsePrefillConfig(), 32 * 1024, demo) == "note: the library's default config."
+    synthetic = config_note(SparsePrefillConfig(block_size=64), 8 * 1024, demo)
+    assert "block_size 64 (library 128): the synthetic problem's budgets at every length" in synthetic
 
 
 def _help_of(command: str) -> str:

@@ -13,7 +13,8 @@
 
 The `sparse-prefill` command, in the order a run goes through it:
     options.py    every command's defaults (stated once) and the shared flag groups; no torch
-    parsers.py    the subcommands' parsers, one block each; runs are named, imported only when run
+    parsers.py    the subcommands' parsers, one block each; runs are named, imported only when run;
+                  check_args: the user's mistakes, refused before torch is imported
     output.py     each run's output folder
     session.py    model, config, prompts and notes shared by the model-running commands
     commands.py   niah, ruler, ppl, speed, sweep, fetch-model; demo.py: the first command to run

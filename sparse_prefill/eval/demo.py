@@ -88,6 +88,34 @@ def _fetch(name: str) -> None:
     to_safetensors(fetch_model(name, folder, progress=True), folder / name)
 
 
+# ---------------------------------------------------------------- its config
+
+def config_note(config, length: int, defaults) -> str:
+    """Which fields of the demo's `config` are not the library's defaults, and why: the demo's prompts are short
+    for the library's budgets, and it runs the sparse path at every length."""
+    from ..config import SparsePrefillConfig
+
+    library = SparsePrefillConfig()
+
+    def changed(names) -> str:
+        return ", ".join(f"{name} {getattr(config, name)} (library {getattr(library, name)})" for name in names)
+
+    reasons = []
+    scaled = [name for name in TINY_PRESET if getattr(config, name) != getattr(library, name)]
+    if scaled and length < defaults.preset_below:
+        reasons.append(f"{changed(scaled)}: scaled down for a {show(length)}-token prompt, of which the library's "
+                       f"budgets would keep nearly every block (the demo runs with them from "
+                       f"{show(defaults.preset_below)} tokens on)")
+    elif scaled:  # only the synthetic problem keeps them past preset_below
+        reasons.append(f"{changed(scaled)}: the synthetic problem's budgets at every length")
+    if config.min_seq_len != library.min_seq_len:
+        reasons.append(f"min_seq_len {config.min_seq_len} (library auto: {library.effective_min_seq_len}), so that the "
+                       "sparse path runs at every length (the library keeps shorter prompts dense)")
+    if not reasons:
+        return "note: the library's default config."
+    return "note: the library's default config except " + "; and ".join(reasons) + "."
+
+
 # ---------------------------------------------------------------- what one layer keeps
 
 def inspect_layer(layer, mask, config, reads, gammas=CURVE_GAMMAS) -> dict:
@@ -176,7 +204,7 @@ def synthetic_demo(args, defaults) -> int:
           f"sharpness {show(problem.sharpness)}; a sink, local decay, and {len(problem.needles)} needles of "
           f"{NEEDLE_TOKENS} tokens at {at}, each read {MENTION[0]} tokens later and by the last {QUESTION_TOKENS} "
           f"queries")
-    print(f"config: {config}")
+    print(f"config: {config}\n{config_note(config, length, defaults)}")
     with torch.inference_mode():
         mask = select_blocks(problem.q, problem.k, config).to_mask()[0]
         layer = LayerQK(problem.q, problem.k, problem.q.shape[-1] ** -0.5)
@@ -212,7 +240,8 @@ def model_demo(args, name: str, device, defaults) -> int:
     config = SparsePrefillConfig(**preset, min_seq_len=0)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tokenizer, label = resolve_model(name, dtype=dtype, device=device)
-    print(f"model: {label} on {device}, {next(model.parameters()).dtype}\nconfig: {config}")
+    print(f"model: {label} on {device}, {next(model.parameters()).dtype}\nconfig: {config}\n"
+          f"{config_note(config, length, defaults)}")
     try:
         examples = make_examples(["niah_single"], tokenizer, [length], defaults.depths, [0], "prose")
     except TaskDoesNotFit as err:

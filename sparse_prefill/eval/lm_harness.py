@@ -175,15 +175,48 @@ def _with_our_tasks(argv: list[str]) -> list[str]:
     return [*argv, "--include_path", ours]
 
 
+def help_text() -> str:
+    """What `sparse-prefill lm-eval --help` prints before lm-eval's own help: our model, its arguments, our tasks."""
+    import dataclasses
+    import textwrap
+
+    def block(text: str) -> str:  # an indented paragraph, wrapped
+        return textwrap.fill(" ".join(text.split()), width=100, initial_indent="    ", subsequent_indent="    ")
+
+    fields = ", ".join(f.name for f in dataclasses.fields(SparsePrefillConfig))
+    tasks = ", ".join(sorted(p.stem for p in tasks_dir().glob("sparse_*.yaml")))
+    return "\n".join([
+        "sparse-prefill lm-eval: lm-evaluation-harness with our model and tasks registered; every argument goes to "
+        "lm-eval.",
+        "", "--model sparse_hf",
+        block("lm-eval's Hugging Face model (HFLM) with sparse prefill patched into the model it loads."),
+        "", "--model_args for sparse_hf (comma-separated key=value pairs)",
+        block(f"HFLM's own (pretrained, dtype, device, ...); pretrained also takes a .gguf file, a pinned model name "
+              f"({', '.join(sorted(PINS))}) or {TINY} (the embedded random-weight model)."),
+        block("sparse=False: the same model dense, for a baseline. max_length=N: the longest prompt (default: the "
+              "model's context length; lm-eval would cut longer prompts from the left)."),
+        block(f"Every SparsePrefillConfig field: {fields} (min_seq_len=none: the automatic threshold; "
+              "`sparse-prefill niah --help` says what each one means). A misspelt field is an error."),
+        "", "--tasks (ours; sparse_ruler runs them all)",
+        block(f"{tasks}. --metadata sets their max_seq_lengths, num_samples, depths and haystack (noise or prose)."),
+        "", "Example:",
+        "    sparse-prefill lm-eval run --model sparse_hf --model_args pretrained=DIR,gamma=0.9 \\",
+        "        --tasks sparse_niah --metadata '{\"max_seq_lengths\":[16384],\"num_samples\":20}'",
+        "", "lm-eval's own help follows.", "",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     """lm_eval's command line with `sparse_hf` registered and our tasks on the include path."""
     from lm_eval.__main__ import cli_evaluate
 
-    argv = _with_our_tasks(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or "-h" in argv or "--help" in argv:  # lm-eval prints its help: ours, which it cannot know, first
+        print(help_text())
+    argv = _with_our_tasks(argv)
     saved, sys.argv = sys.argv, ["lm_eval", *argv]
     try:
         cli_evaluate()
     finally:
         sys.argv = saved
     return 0
-

@@ -258,8 +258,23 @@ def _source(path: str | os.PathLike) -> tuple[str, dict]:
         return str(path), {}
     if path.suffix == ".gguf" and path.is_file():
         return str(path.parent), {"gguf_file": path.name}
-    raise ValueError(f"--model {path} is neither a Hugging Face model folder, a .gguf file, nor a pinned "
-                     f"model ({', '.join(sorted(PINS))}).")
+    raise ValueError(_not_a_model(path))
+
+
+def check_model(path: str | os.PathLike) -> None:
+    """Raise ValueError, saying what is wrong and what to pass, unless `load_model` takes `path`: a pinned name
+    (fetched on first use), a .gguf file, or a folder holding config.json. Nothing is fetched or loaded."""
+    path = Path(path)
+    if str(path) in PINS or (path.suffix == ".gguf" and path.is_file()) or (path / "config.json").is_file():
+        return
+    raise ValueError(_not_a_model(path))
+
+
+def _not_a_model(path: Path) -> str:
+    what = ("does not exist" if not path.exists() else "is a folder without config.json" if path.is_dir() else
+            "is a file but not a .gguf file")
+    return (f"--model {path} {what}, so it is neither a Hugging Face model folder, a .gguf file, nor a pinned model "
+            f"name ({', '.join(sorted(PINS))}); pass one of those (`sparse-prefill fetch-model` lists the pins).")
 
 
 def _dequantize_gguf() -> dict:

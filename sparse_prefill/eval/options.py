@@ -12,6 +12,7 @@ Nothing here imports torch, transformers or matplotlib, so `sparse-prefill --hel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +27,55 @@ class CommandError(ValueError):
     message, without a traceback, and exits with status 2."""
 
 
+def _comma_list(text: str, parse, what: str, example: str) -> list:
+    """The comma-separated items of a flag's value, each read by `parse`. An item it cannot read is an
+    ArgumentTypeError, which argparse reports as the user's mistake (exit 2) naming the item and the form to write."""
+    values = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            values.append(parse(item))
+        except (ValueError, OverflowError):  # OverflowError: 'infk'
+            raise argparse.ArgumentTypeError(f"{item!r} is not {what}; write e.g. {example}") from None
+    return values
+
+
 def parse_floats(text: str) -> list[float]:
     """'0.1, 0.5' -> [0.1, 0.5]."""
-    return [float(x) for x in text.split(",") if x.strip()]
+    return _comma_list(text, float, "a number", "0.5,0.9")
+
+
+def parse_ints(text: str) -> list[int]:
+    """'0, 3' -> [0, 3]."""
+    return _comma_list(text, int, "an integer", "0,3")
+
+
+def parse_names(allowed: tuple[str, ...]):
+    """A flag's `type` for a comma list of names from `allowed`: 'a, b' -> ['a', 'b']."""
+    def name(item: str) -> str:
+        if item not in allowed:
+            raise ValueError(item)
+        return item
+
+    def parse(text: str) -> list[str]:
+        return _comma_list(text, name, f"one of {', '.join(allowed)}", ",".join(allowed[:2]))
+
+    return parse
+
+
+def _length(item: str) -> int:
+    """'4k' -> 4096, '8192' -> 8192: a prompt length in tokens (k = 1024), which must be positive."""
+    item = item.lower()
+    tokens = int(float(item[:-1]) * 1024) if item.endswith("k") else int(item)
+    if tokens < 1:
+        raise ValueError(item)
+    return tokens
 
 
 def parse_lengths(text: str) -> list[int]:
     """'4k,8192' -> [4096, 8192] (k = 1024)."""
-    items = [x.strip().lower() for x in text.split(",") if x.strip()]
-    return [int(float(x[:-1]) * 1024) if x.endswith("k") else int(x) for x in items]
+    return _comma_list(text, _length, "a length in tokens", "4k,8192 (k = 1024)")
 
 
 def show(values) -> str:
@@ -131,7 +172,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_device_args(g) -> None:
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+                   help="the weights' and activations' type (default: bfloat16 on CUDA, float32 on CPU)")
 
 
 def add_yarn_arg(g) -> None:
@@ -140,20 +181,9 @@ def add_yarn_arg(g) -> None:
                         "Qwen2.5's 32K to 128K, as its model card documents)")
 
 
-# Every SparsePrefillConfig field as a flag: (metavar, help). Values stay strings until config_from_options.
-CONFIG_FLAGS = {
-    "gamma": ("G", "share of each head's attention mass the kept blocks must cover, in (0, 1]"),
-    "block_size": ("64|128", "tokens per query and key block"),
-    "min_budget_tokens": ("N", "least key tokens every (head, query block) keeps"),
-    "sink_blocks": ("N", "leading key blocks always kept"),
-    "local_blocks": ("N", "key blocks before the diagonal always kept"),
-    "exact_tail_tokens": ("N", "the query blocks of the last N queries attend every key block (0: off)"),
-    "question_blocks": ("N", "each head's N blocks most read by its exact last block, kept for every later row"),
-    "stride": ("S", "the estimate averages runs of S queries and keys; must divide the block size"),
-    "proxy_heads": ("q|kv|N", '"q": estimate every query head, "kv": one proxy per KV group, or a number of proxies'),
-    "min_seq_len": ("N|auto", "prompts shorter than this stay dense"),
-    "backend": ("auto|triton|torch", "attention kernels: Triton on CUDA fp16/bf16 with auto"),
-}
+# Every SparsePrefillConfig field as a flag: (metavar, meaning), from the field's own metadata (config.py), so
+# that these flags and `sparse-prefill serve`'s read the same. Values stay strings until config_from_options.
+CONFIG_FLAGS = {f.name: (f.metadata["metavar"], f.metadata["meaning"]) for f in dataclasses.fields(SparsePrefillConfig)}
 SELECTION_FLAGS = ("block_size", "min_budget_tokens", "sink_blocks", "local_blocks", "exact_tail_tokens",
                    "question_blocks", "stride", "proxy_heads")
 # Where the commands' default differs from the library's: evaluate the sparse path at every length.
@@ -164,8 +194,8 @@ def _config_help(field: str) -> str:
     text = CONFIG_FLAGS[field][1]
     library = getattr(SparsePrefillConfig(), field)
     if field in COMMAND_CONFIG:
-        return (f"{text} (default {COMMAND_CONFIG[field]} here: evaluate the sparse path at every length; "
-                f"auto: the library's automatic threshold)")
+        return (f"{text} (default {COMMAND_CONFIG[field]} here: evaluate the sparse path at every length; library "
+                f"default {'auto' if library is None else library})")
     return f"{text} (library default {library})"
 
 
@@ -196,19 +226,24 @@ def add_task_args(p: argparse.ArgumentParser, defaults: Defaults, tasks=()) -> N
     g.add_argument("--seeds", type=int, help=f"examples per (task, length, depth) (default {defaults.tiny_seeds} on "
                                              f"the tiny model, else {defaults.seeds})")
     add_haystack_arg(g, defaults)
-    g.add_argument("--metric", choices=("contains", "exact"), default="contains", help="default: %(default)s")
+    g.add_argument("--metric", choices=("contains", "exact"), default="contains",
+                   help="an answer is right when it contains the expected value, or only when it is exactly it "
+                        "(default: %(default)s)")
     g.add_argument("--no-chat-template", action="store_true", help="plain prompts even when the tokenizer has a "
                                                                     "chat template")
 
 
 def add_haystack_arg(g, defaults: Defaults) -> None:
-    g.add_argument("--haystack", choices=("noise", "prose"), default=defaults.haystack, help="default: %(default)s")
+    g.add_argument("--haystack", choices=("noise", "prose"), default=defaults.haystack,
+                   help="the text around the needles: RULER's repeated noise sentences, or Python's documentation "
+                        "(default: %(default)s)")
 
 
 def add_lengths_arg(p: argparse.ArgumentParser, defaults: Defaults) -> None:
     """--lengths alone (ppl, speed): a default per model kind."""
     p.add_argument("--lengths", type=parse_lengths,
-                   help=f"default {show(defaults.tiny_lengths)} on random-weight models, else {show(defaults.lengths)}")
+                   help=f"comma list of prompt lengths in tokens, e.g. 4k,8k (default {show(defaults.tiny_lengths)} on "
+                        f"random-weight models, else {show(defaults.lengths)})")
 
 
 def add_output_args(p: argparse.ArgumentParser, command: str, progress: bool = True) -> None:
@@ -218,4 +253,17 @@ def add_output_args(p: argparse.ArgumentParser, command: str, progress: bool = T
                                             "results is refused unless --overwrite")
     g.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     if progress:
-        g.add_argument("--no-progress", action="store_true")
+        g.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for logs)")
+
+
+# ---------------------------------------------------------------- the config a command runs under
+
+def runs_tiny(args) -> bool:
+    """Whether the command runs the embedded tiny default model (no --model, no --arch)."""
+    return not getattr(args, "arch", None) and getattr(args, "model", None) in (None, "", TINY)
+
+
+def command_config(args):
+    """The config a model-running command runs under: its config flags on top of TINY_PRESET when the tiny
+    default model runs (its prompts are short), else on top of the library's defaults."""
+    return config_from_args(args, SparsePrefillConfig(**TINY_PRESET) if runs_tiny(args) else None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .options import DEFAULTS, TINY_PRESET, CommandError, config_from_args
+from .options import DEFAULTS, CommandError, command_config, runs_tiny
 from .output import check_output, output_dir
 
 RANDOM_NOTE = ("note: {name} has random weights, so it cannot retrieve needles (accuracy ~0 in both modes); "
@@ -22,12 +22,11 @@ class Session:
     def __init__(self, args):
         import torch
 
-        from ..config import SparsePrefillConfig
-        from .archs import TINY, is_random, resolve_model
+        from .archs import is_random, resolve_model
 
         self.defaults = DEFAULTS[args.command]
-        self.tiny = not args.arch and args.model in (None, "", TINY)
-        self.config = config_from_args(args, SparsePrefillConfig(**TINY_PRESET) if self.tiny else None)
+        self.tiny = runs_tiny(args)
+        self.config = command_config(args)
         check_output(args.out, args.command, args.overwrite)
         dtype = getattr(torch, args.dtype) if args.dtype else None
         self.model, self.tokenizer, self.name = resolve_model(args.model, args.arch, dtype=dtype, device=args.device,

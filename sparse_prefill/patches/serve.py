@@ -210,11 +210,27 @@ def _with_prefill_graphs_off(cb_config, flash: bool):
     return cb_config
 
 
+def _add_warm_up_flag(parser) -> None:
+    parser.add_argument("--warm-up", dest="warm_up", type=int, default=None, metavar="TOKENS",
+                        help="compile the kernels for prompts up to TOKENS before serving (default: --max-model-len, "
+                             "else the model's context; 0: off)")
+
+
+def _add_config_flags(parser) -> None:
+    """Every SparsePrefillConfig field as a flag, its help the field's meaning and default (config.py's metadata)."""
+    import dataclasses
+
+    for field in dataclasses.fields(SparsePrefillConfig):
+        default = "auto" if field.default is None else field.default  # None is written auto on a command line
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                            metavar=field.metadata["metavar"], help=f"{field.metadata['meaning']} (default {default})")
+
+
 def parse_warm_up(argv: list[str]) -> tuple[int | None, list[str]]:
     """(`--warm-up TOKENS`, the other arguments). Default: transformers serve's `--max-model-len` where given,
     else the model's context (None); 0 turns the warm-up off."""
-    ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    ours.add_argument("--warm-up", dest="warm_up", type=int, default=None)
+    ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    _add_warm_up_flag(ours)
     known, rest = ours.parse_known_args(argv)
     if known.warm_up is not None:
         if known.warm_up < 0:
@@ -228,37 +244,79 @@ def parse_warm_up(argv: list[str]) -> tuple[int | None, list[str]]:
 def parse_config_flags(argv: list[str]) -> tuple[SparsePrefillConfig, list[str]]:
     """(config, the other arguments): every SparsePrefillConfig field as a flag (`--gamma 0.9`,
     `--min-seq-len auto`), the rest left for transformers serve."""
-    import dataclasses
-
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for field in dataclasses.fields(SparsePrefillConfig):
-        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    _add_config_flags(parser)
     known, rest = parser.parse_known_args(argv)
     options = {name: value for name, value in vars(known).items() if value is not None}
     return config_from_options(options), rest
 
 
+def help_text() -> str:
+    """What `sparse-prefill serve --help` prints above transformers serve's own help."""
+    parser = argparse.ArgumentParser(
+        prog="sparse-prefill serve", add_help=False,
+        usage="%(prog)s [MODEL] [SparsePrefillConfig flags] [--warm-up TOKENS] [transformers serve options]",
+        description="transformers serve with every model it loads patched for sparse prefill. MODEL: a local model "
+                    "folder or a Hub repo id (owner/name); without it, each request names its model.")
+    _add_config_flags(parser.add_argument_group("SparsePrefillConfig flags"))
+    _add_warm_up_flag(parser.add_argument_group("kernel warm-up"))
+    return parser.format_help() + "\ntransformers serve's own options follow.\n"
+
+
+def check_model(model: str | None) -> None:
+    """Raise ValueError, naming the fix, for a MODEL that is neither an existing local path nor shaped like a Hub
+    repo id (`owner/name`, as huggingface_hub checks it): transformers serve would fail on it only in the model's
+    process, far down a long traceback. Its `@revision` and `:file.gguf` are read as transformers serve reads them."""
+    import os
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers.cli.serving.utils import parse_model_id
+
+    if model is None:  # no MODEL: each request names its own
+        return
+    repo = parse_model_id(model)[0]
+    if os.path.exists(repo):
+        return
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise ValueError(f"MODEL {model} does not exist here and is no Hub repo id (owner/name); pass a local model "
+                         "folder that exists, or a repo id such as Qwen/Qwen2.5-0.5B-Instruct.") from None
+
+
+def _model_of(command, argv: list[str]) -> str | None:
+    """MODEL as transformers serve's own parser (the click `command`) reads it from `argv`."""
+    context = command.make_context("sparse-prefill serve", list(argv), resilient_parsing=True)
+    return context.params.get("force_model")
+
+
+def _refuse(err: Exception) -> int:
+    """A user's mistake: its one line, exit status 2."""
+    print(f"sparse-prefill serve: error: {err}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """`sparse-prefill serve ...`: parse our flags, then run transformers serve's command on the rest."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--help" in argv or "-h" in argv:
-        fields = ", ".join("--" + name.replace("_", "-") for name in SparsePrefillConfig.__dataclass_fields__)
-        print("sparse-prefill serve MODEL [SparsePrefillConfig flags] [transformers serve options]\n\n"
-              f"SparsePrefillConfig flags (see the README's Configuration table): {fields}.\n"
-              "--warm-up TOKENS: compile the kernels for prompts up to TOKENS before serving (default: "
-              "--max-model-len, else the model's context; 0: off).\n"
-              "The transformers serve options follow.\n")
+    asks_help = "--help" in argv or "-h" in argv
+    if asks_help:
+        print(help_text())
     try:
         check_version()
         warm_up_len, argv = parse_warm_up(argv)
         config, rest = parse_config_flags(argv)
-    except (ValueError, RuntimeError) as err:
-        print(f"sparse-prefill serve: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, RuntimeError, argparse.ArgumentError) as err:
+        return _refuse(err)
     import typer
 
     SparseServe.sparse_config, SparseServe.warm_up_len = config, warm_up_len
     app = typer.Typer(add_completion=False)
     app.command()(SparseServe)
+    if not asks_help:
+        try:
+            check_model(_model_of(typer.main.get_command(app), rest))
+        except ValueError as err:
+            return _refuse(err)
     app(args=rest, prog_name="sparse-prefill serve")
     return 0
