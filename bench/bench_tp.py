@@ -54,7 +54,7 @@ from bench_e2e import CONFIG_FIELDS, build_config  # noqa: E402  (this script's 
 
 from sparse_prefill import patch_model, unpatch_model  # noqa: E402
 from sparse_prefill.eval.archs import arch_config, random_model  # noqa: E402
-from sparse_prefill.eval.commands import parse_lengths  # noqa: E402
+from sparse_prefill.eval.options import parse_lengths  # noqa: E402
 from sparse_prefill.eval.recording import (  # noqa: E402
     LayoutRecorder,
     intercept_layouts,

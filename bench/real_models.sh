@@ -22,7 +22,13 @@
 #   e2e-densities JSON RUN ARGS...              bench/bench_e2e.py on Llama-3.1-8B with those per-layer densities
 #   serving NAME RUN ARGS...                    bench/bench_serving.py on NAME (continuous batching, transformers serve)
 #   vllm NAME RUN ARGS...                       the vLLM backend's tests and bench/bench_vllm.py on NAME (vLLM's
-#                                               wheels in $VWHEELS, the machine's own transformers)
+#                                               wheels in $VWHEELS, or sent as pieces: vreceive; the machine's own
+#                                               transformers)
+#   vllm-bench NAME RUN ARGS...                 bench/bench_vllm.py alone (vLLM's site as for vllm)
+#   load NAME RUN FAMILY ARGS...                bench/bench_load.py on NAME for FAMILY (vllm: vLLM's site; transformers:
+#                                               the serving wheels of .gpu/whl), results in /root/runs/RUN
+#   vreceive PART_FILE...                       copy pieces of the vLLM wheels' tar into /root/vpieces (`touch
+#                                               /root/vpieces/.complete` after the last; VSHA256 names its checksum)
 #   kernel RUN ARGS...                          bench/bench_kernel.py ARGS under the GPU lock, results in /root/runs/RUN
 #   profile [--tag T] [--variant V | --kernel-file F] N:DENSITY...
 #                                               Nsight Compute stall profile of one kernel launch per case
@@ -48,6 +54,24 @@ cli() { python3 -m sparse_prefill.cli "$@" --no-progress; }
 pack() { tar czf "$RESULTS/$1.tgz" -C "$2" . && ls -la "$RESULTS"; }
 
 gpu_locked() { flock /root/gpu.lock "$@"; }
+
+# vLLM's wheels in /root/vsite, once: from $VWHEELS, or from the pieces `vreceive` collects (waited for), a tar
+# checked against $VSHA256; then the package itself, so that vLLM finds the backend through its entry point.
+vllm_site() {
+    if ! [ -e /root/vsite/.installed ]; then
+        local wheels=${VWHEELS:-}
+        if [ -z "$wheels" ]; then
+            until [ -e /root/vpieces/.complete ]; do sleep 2; done
+            cat /root/vpieces/v.part_* > /root/v.tar
+            [ -z "${VSHA256:-}" ] || echo "$VSHA256  /root/v.tar" | sha256sum -c -
+            mkdir -p /root/vwhl && tar xf /root/v.tar -C /root/vwhl && rm /root/v.tar
+            wheels=$(dirname "$(find /root/vwhl -name 'vllm-*.whl' | head -1)")
+        fi
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/vsite \
+            "$wheels"/*.whl && touch /root/vsite/.installed
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
+}
 
 stage=$1; shift
 case "$stage" in
@@ -82,21 +106,36 @@ serving)
     mkdir -p "/root/runs/$run"
     gpu_locked env OUT="/root/runs/$run" python3 bench/bench_serving.py --model "$MODELS/$name" "$@" \
         2>&1 | tee "/root/runs/$run/bench_serving.log" ;;
-vllm)
-    # vllm NAME RUN ARGS...: the vLLM backend's GPU tests, then bench/bench_vllm.py ARGS, on the prepared model.
-    # vLLM's wheel and the dependencies the machine lacks come as wheels in $VWHEELS (installed to /root/vsite, so
-    # that the transformers serving wheels above stay out of vLLM's way); the package's entry point is installed.
+vllm|vllm-bench)
+    # vllm NAME RUN ARGS...: the vLLM backend's GPU tests, then bench/bench_vllm.py ARGS, on the prepared model
+    # (vllm-bench: the benchmark alone). vLLM's wheel and the dependencies the machine lacks are installed to
+    # /root/vsite (`vllm_site`), so that the transformers serving wheels above stay out of vLLM's way.
     name=$1 run=$2; shift 2
     until [ -e "$MODELS/$name.ready" ]; do sleep 2; done
     mkdir -p "/root/runs/$run"
-    [ -e /root/vsite/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --target /root/vsite "$VWHEELS"/*.whl && touch /root/vsite/.installed; }
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
+    vllm_site
     export PYTHONPATH=/root/vsite:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
-    gpu_locked env SPARSE_PREFILL_VLLM_MODEL="$MODELS/$name" python3 -m pytest -q tests/test_vllm_backend.py \
-        tests/test_vllm_plugin.py 2>&1 | tee "/root/runs/$run/pytest.log"
+    [ "$stage" = vllm-bench ] || gpu_locked env SPARSE_PREFILL_VLLM_MODEL="$MODELS/$name" python3 -m pytest -q \
+        tests/test_vllm_backend.py tests/test_vllm_plugin.py 2>&1 | tee "/root/runs/$run/pytest.log"
     gpu_locked env OUT="/root/runs/$run" python3 bench/bench_vllm.py --models "$MODELS/$name" "$@" \
         2>&1 | tee "/root/runs/$run/bench_vllm.log" ;;
+load)
+    # load NAME RUN FAMILY ARGS...: bench/bench_load.py on the prepared model, one family's engines (their servers
+    # need different sites: vLLM's own, or the transformers serving wheels of .gpu/whl in /root/site).
+    name=$1 run=$2 family=$3; shift 3
+    until [ -e "$MODELS/$name.ready" ]; do sleep 2; done
+    mkdir -p "/root/runs/$run"
+    if [ "$family" = vllm ]; then
+        vllm_site
+        export PYTHONPATH=/root/vsite:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
+        engines=vllm:FLASH_ATTN,vllm:CUSTOM
+    else
+        engines=transformers:dense,transformers:sparse
+    fi
+    gpu_locked env OUT="/root/runs/$run" python3 bench/bench_load.py --model "$MODELS/$name" --engines "$engines" \
+        "$@" 2>&1 | tee "/root/runs/$run/bench_load.log" ;;
+vreceive)
+    mkdir -p /root/vpieces && cp "$@" /root/vpieces/ && ls -la /root/vpieces ;;
 e2e-densities)
     json=$1 run=$2; shift 2
     mkdir -p "/root/runs/$run"
