@@ -69,7 +69,7 @@ from sparse_prefill.layout import BlockLayout  # noqa: E402
 
 COLUMNS = ["length", "prefill", "variant", "ms", "speedup", "density", "forcing_ms", "top1_match", "peak_gib",
            "model_gib", "kv_gib", "note"]
-SELECTION_BYTES = 12  # per (query head, query block, key block) of the layer being selected (README, "Memory")
+SELECTION_BYTES = 12  # per (query head, query block, key block) of the layer being selected (docs/limits.md, "Memory")
 FORCE_ELEMENTS = 1 << 24  # (head, query block, key block) cells per random_layout call: ~0.5 GB of sort buffers
 
 

@@ -22,7 +22,7 @@ def _knob(default, metavar: str, meaning: str):
 class SparsePrefillConfig:
     """How block-sparse prefill chooses and computes attention.
 
-    The defaults are the configuration measured end to end on trained models (the README's results;
+    The defaults are the configuration measured end to end on trained models (docs/results.md;
     bench/RESULTS.md, "Answers kept at scale, and gamma 0.95 as the default" and the sections after
     it). They keep dense's answers first; `gamma=0.9` is the faster setting measured beside them,
     which changes more of dense's answers at 16K-32K.
