@@ -122,7 +122,7 @@ class PrefillStats:
                  on_prompt: Callable[[Prompt], None] | None = None):
         self.timing = timing
         self.calls: list[Call] = []
-        self._model = model
+        self._every_model = model is None
         self._names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if model is not None:
             self._names.update({module: name for name, module in model.named_modules()})
@@ -134,7 +134,7 @@ class PrefillStats:
         self._ended: list[Prompt] = []  # prompts whose last chunk ran, until the device has finished them
 
     def covers(self, module) -> bool:
-        return self._model is None or module is None or module in self._names
+        return self._every_model or module is None or module in self._names
 
     # ----------------------------------------------------------------------------------------- reading
     def prompts(self) -> list[Prompt]:
@@ -296,6 +296,8 @@ def log_prefills(model: torch.nn.Module | None = None, write: Callable[[str], No
 
     stats = PrefillStats(model, timing=True, on_prompt=line)
     RECORDERS.append(stats)
+    if model is not None:  # a model that is gone logs nothing more: its logger goes with it
+        weakref.finalize(model, stop_logging, stats)
     return stats
 
 

@@ -180,10 +180,10 @@ def test_warm_up_of_a_patched_model_covers_its_own_prefill(monkeypatch):
     from transformers import DynamicCache
 
     from sparse_prefill import patch_model, warm_up
-    from sparse_prefill.patches import transformers_attention
+    from sparse_prefill.patches import per_request
 
     as_on_cuda(monkeypatch)
-    monkeypatch.setattr(transformers_attention, "triton_supports", lambda q, block_size: None)
+    monkeypatch.setattr(per_request, "triton_supports", lambda q, block_size: None)
     model = tiny_model("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
                        num_hidden_layers=1).to(torch.float16)
     with pytest.raises(ValueError, match="patch_model"):

@@ -131,10 +131,12 @@ def test_recall_cli_config_and_output_folder_are_checked_before_the_model_loads(
     from sparse_prefill.eval import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    gguf = tmp_path / "m.gguf"  # a path that exists: the model check comes first
+    gguf.write_bytes(b"")
     (tmp_path / "recall.json").write_text("{}")
-    assert main(["recall", "--model", "m.gguf", "--out", str(tmp_path)]) == 2
+    assert main(["recall", "--model", str(gguf), "--out", str(tmp_path)]) == 2
     assert "already holds results of an earlier run (recall.json)" in capsys.readouterr().err
-    assert main(["recall", "--model", "m.gguf", "--proxy-heads", "qq", "--out", str(tmp_path / "new")]) == 2
+    assert main(["recall", "--model", str(gguf), "--proxy-heads", "qq", "--out", str(tmp_path / "new")]) == 2
     assert "proxy_heads='qq'" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
@@ -150,9 +152,11 @@ def test_recall_cli_builds_its_config_with_the_shared_parser(tmp_path, monkeypat
     monkeypatch.setattr(recall, "evaluate_layers", stop)
     monkeypatch.setattr("sparse_prefill.eval.models.load_model", lambda *a, **k: (tiny_llama(), WordTokenizer()))
     monkeypatch.setattr(recall, "passkey_prompt", lambda tokenizer, n, depth: torch.randint(0, 128, (1, 256)))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
     with pytest.raises(KeyboardInterrupt):
-        main(["recall", "--model", "m.gguf", "--proxy-heads", "q", "--stride", "16", "--block-size", "64",
-              "--gammas", "0.5,0.9", "--policies", "ours", "--out", str(tmp_path)])
+        main(["recall", "--model", str(gguf), "--proxy-heads", "q", "--stride", "16", "--block-size", "64",
+              "--gammas", "0.5,0.9", "--policies", "ours", "--out", str(tmp_path / "out")])
     assert seen["config"] == SparsePrefillConfig(proxy_heads="q", stride=16, block_size=64, min_seq_len=0)
     assert seen["gammas"] == (0.5, 0.9) and seen["policies"] == ("ours",)
 
