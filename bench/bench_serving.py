@@ -10,8 +10,9 @@ Stages:
             serving path = (CB speed-up) / (generate speed-up)
   mixed     generate_batch with --long prompts of --long-lengths and --short prompts of --short-length
             tokens, all submitted at once, --passes times: per-request TTFT, decode tokens/s, total throughput
-  overhead  one layer's packed call of that mix (long requests as prefill chunks, short ones whole):
-            the per-request loop against the long requests alone plus one engine call for the short ones
+  overhead  the packed call of that mix in every layer of a forward, per layer (long requests as prefill chunks,
+            short ones whole; the pack read once per forward, as a model's forward reads it): the packed path
+            against the long requests alone plus one engine call for the short ones
             (and, to tell the loop's glue from the calls themselves, the engine's function once per short
             request); then a decode step of every request of the mix, patched against the engine's function
   serve     the mix through a real `transformers serve` (dense) and `sparse-prefill serve` process on
@@ -200,12 +201,14 @@ def stage_mixed(model, tok, args, config, device) -> list[dict]:
 
 
 def stage_overhead(model, tok, args, config, device) -> list[dict]:
-    """One layer's packed call: the mix's long requests as their last prefill chunk, the short ones whole."""
+    """A packed call per layer of a forward (the pack read once, as in a forward, and its cost spread over the
+    layers): the mix's long requests as their last prefill chunk, the short ones whole; milliseconds per layer."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from sparse_prefill.patches import transformers_attention as glue
 
-    layer = next(m for m in model.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__)
+    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__]
+    layer = layers[0]
     hq, hkv, d = model.config.num_attention_heads, model.config.num_key_value_heads, layer.head_dim
     q_lens = [args.chunk] * len(args.long_lengths[:args.long]) + [args.short_length] * args.short
     k_lens = list(args.long_lengths[:args.long]) + [args.short_length] * args.short
@@ -239,18 +242,18 @@ def stage_overhead(model, tok, args, config, device) -> list[dict]:
     decode = pack([1] * len(k_lens), k_lens)
     n_long = sum(sparse)
 
-    def timed(fn):
-        return time_call(fn, device, repeats=5)
+    def timed(call, pack):
+        """Per layer: `call` on every layer once, as a forward makes it (the pack's reading shared)."""
+        return time_call(lambda: [call(m, *pack[:4], scaling=m.scaling, **pack[4]) for m in layers], device,
+                         repeats=5) / len(layers)
+
+    def engine(module, *tensors, scaling, **kwargs):
+        return sdpa_attention_forward(module, *tensors, scaling=scaling, is_causal=False)
 
     with torch.no_grad():
-        t_whole = timed(lambda: attention(layer, *whole[:4], scaling=layer.scaling, **whole[4]))
-        t_long = timed(lambda: attention(layer, *longs[:4], scaling=layer.scaling, **longs[4]))
-        t_short = timed(lambda: sdpa_attention_forward(layer, *shorts[:4], scaling=layer.scaling, is_causal=False))
-        t_each = timed(lambda: [sdpa_attention_forward(layer, *one[:4], scaling=layer.scaling, is_causal=False)
-                                for one in singles])
-        t_decode = timed(lambda: attention(layer, *decode[:4], scaling=layer.scaling, **decode[4]))
-        t_decode_engine = timed(lambda: sdpa_attention_forward(layer, *decode[:4], scaling=layer.scaling,
-                                                               is_causal=False))
+        t_whole, t_long, t_short = timed(attention, whole), timed(attention, longs), timed(engine, shorts)
+        t_each = sum(timed(engine, one) for one in singles)
+        t_decode, t_decode_engine = timed(attention, decode), timed(engine, decode)
     unpatch_model(model)
     row = {"pack": f"{n_long} sparse + {len(sparse) - n_long} dense requests", "packed_ms": 1e3 * t_whole,
            "sparse_only_ms": 1e3 * t_long,
