@@ -87,11 +87,16 @@ logs)
 collect)
     tar czf "$RESULTS/runs.tgz" --exclude='*.safetensors' -C /root runs && ls -la "$RESULTS" ;;
 prepare)
+    # pieces NAME.part_* of the GGUF, or NAMEgz.part_* of it gzipped (fewer pieces to send)
     name=$1 sha=$2
-    until [ "$(ls "$MODELS/$name".part_* 2>/dev/null | wc -l)" -gt 0 ] && [ -e "$MODELS/$name.complete" ]; do sleep 2; done
-    cat "$MODELS/$name".part_* > "$MODELS/$name.gguf"
+    until [ "$(ls "$MODELS/$name".part_* "$MODELS/${name}gz".part_* 2>/dev/null | wc -l)" -gt 0 ] \
+        && [ -e "$MODELS/$name.complete" ]; do sleep 2; done
+    if ls "$MODELS/${name}gz".part_* > /dev/null 2>&1; then
+        cat "$MODELS/${name}gz".part_* | gunzip -c > "$MODELS/$name.gguf" && rm "$MODELS/${name}gz".part_*
+    else
+        cat "$MODELS/$name".part_* > "$MODELS/$name.gguf" && rm "$MODELS/$name".part_*
+    fi
     echo "$sha  $MODELS/$name.gguf" | sha256sum -c -
-    rm "$MODELS/$name".part_*
     python3 -c "from sparse_prefill.eval.models import to_safetensors; to_safetensors('$MODELS/$name.gguf', '$MODELS/$name')"
     touch "$MODELS/$name.ready"; echo "ready $name" ;;
 retrieval)
