@@ -121,7 +121,7 @@ vllm|vllm-bench)
     vllm_site
     export PYTHONPATH=/root/vsite:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
     [ "$stage" = vllm-bench ] || gpu_locked env SPARSE_PREFILL_VLLM_MODEL="$MODELS/$name" python3 -m pytest -q \
-        tests/test_vllm_backend.py tests/test_vllm_plugin.py 2>&1 | tee "/root/runs/$run/pytest.log"
+        tests/test_vllm_backend.py 2>&1 | tee "/root/runs/$run/pytest.log"  # (test_vllm_plugin.py: CPU, in CI)
     gpu_locked env OUT="/root/runs/$run" python3 bench/bench_vllm.py --models "$MODELS/$name" "$@" \
         2>&1 | tee "/root/runs/$run/bench_vllm.log" ;;
 load)
