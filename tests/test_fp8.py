@@ -115,8 +115,8 @@ def test_smoothing_keeps_softcap_and_lse_exact(structured):
     out, lse = block_sparse_attention(q, keys, v, None, return_lse=True, softcap=5.0, backend="torch")
     want, want_lse = reference.attend(AttentionCall(q, keys, v, return_lse=True, softcap=5.0))
     out8, lse8 = fp8.attend(AttentionCall(q, keys, v, return_lse=True, softcap=5.0))
-    assert relative_error(out8, want) < 0.1  # measured 0.043: FP8's error, not softcap's
-    assert (lse8 - want_lse).abs().max() < 0.1  # measured 0.027
+    assert relative_error(out8, want) < 0.1  # measured 0.039: FP8's error, not softcap's
+    assert (lse8 - want_lse).abs().max() < 0.25  # measured 0.085
     assert torch.equal(out, want) and torch.equal(lse, want_lse)  # attention_dtype "auto" is the reference
 
 
@@ -345,7 +345,9 @@ def test_gamma_1_in_fp8_is_the_fp8_reference_over_every_causal_block(structured)
     want = fp8.attend(AttentionCall(q[:, :, -640:], k, v, None))
     assert torch.equal(out, want)
     exact = exact_attention(q[:, :, -640:], k, v)
-    assert relative_error(out, exact) < 0.12  # FP8's own error (measured 0.06), not the selection's
+    # FP8's own error, not the selection's: measured 0.082 (the last 640 rows hold the question's, whose scores
+    # are the largest, and e4m3 rounds them the most)
+    assert relative_error(out, exact) < 0.16
 
 
 def test_selection_does_not_follow_attention_dtype(structured):
