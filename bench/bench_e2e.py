@@ -41,7 +41,8 @@ from sparse_prefill.eval.runner import format_table  # noqa: E402
 from sparse_prefill.eval.speed import attention_only, attention_shape, end_to_end  # noqa: E402
 from sparse_prefill.eval.tasks import make_example  # noqa: E402
 
-CONFIG_FIELDS = ("gamma", "block_size", "min_budget_tokens", "sink_blocks", "local_blocks", "stride", "proxy_heads")
+CONFIG_FIELDS = ("gamma", "block_size", "min_budget_tokens", "sink_blocks", "local_blocks", "stride", "proxy_heads",
+                 "attention_dtype")
 COLUMNS = ["model", "what", "length", "variant", "ms", "speedup", "density", "top1_match", "peak_gib", "note"]
 
 

@@ -52,8 +52,10 @@ def sparse_attention(
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         start = stats.started() if stats.RECORDERS else None
         layout = select_blocks(q, k, config, scale=scale, key_range=key_range, softcap=softcap)
+        # Selection ran in q's dtype whatever `attention_dtype` says: only the attention of the kept blocks is FP8.
         out = block_sparse_attention(q, k, v, layout, causal=True, scale=scale, softcap=softcap,
-                                     key_range=key_range, backend=config.backend)
+                                     key_range=key_range, backend=config.backend,
+                                     attention_dtype=config.attention_dtype)
         if stats.RECORDERS:  # `stats.record()`: what this call kept, left on the device
             stats.note_sparse(q, k, layout, last_chunk, start)
     return (out, layout) if return_layout else out

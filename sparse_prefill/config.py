@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 _BACKENDS = ("auto", "triton", "torch")
+_ATTENTION_DTYPES = ("auto", "fp8")  # kernels/support.ATTENTION_DTYPES (not imported: this module imports no torch)
 _BLOCK_SIZES = (64, 128)
 
 
@@ -57,6 +58,16 @@ class SparsePrefillConfig:
             `auto_min_seq_len()`, the length above which sparse prefill has paid on an H100/H200 GPU.
         backend: "auto" uses the Triton kernels for fp16/bf16 on CUDA and the PyTorch reference
             elsewhere; "triton" or "torch" force one.
+        attention_dtype: the arithmetic of the sparse path's attention products. "auto" computes them in
+            the inputs' dtype (fp16/bf16, fp32 accumulation). "fp8" rounds Q, K (smoothed by its mean),
+            P and V to float8 e4m3 with per-block scales and accumulates in fp32 (docs/kernel.md, "FP8
+            attention": what it costs in error): the Triton FP8 kernel on Hopper once it exists, the PyTorch
+            FP8 reference where the reference runs (CPU; backend="torch"); elsewhere it falls back to
+            "auto" with one warning that says why. The selection always runs in the inputs' dtype: it is
+            ~2 % of dense attention's time at 128K, and it ranks blocks, where rounding moves the budget.
+            The name and values are vLLM's `--kv-cache-dtype auto|fp8` ("auto": the model's dtype; "fp8":
+            e4m3 with scales), which serving users know; a dtype rather than a bool (TensorRT-LLM's
+            `use_fp8_context_fmha`) leaves room for another format without a second field.
     """
 
     # Each field's `meaning` is its one-line help wherever it is a flag (the eval commands, `sparse-prefill serve`);
@@ -80,6 +91,8 @@ class SparsePrefillConfig:
                                                     "4 x min_budget_tokens), the measured break-even on small models")
     backend: str = _knob("auto", "auto|triton|torch", "auto: the Triton kernels on CUDA fp16/bf16, the PyTorch "
                                                       "reference elsewhere; triton or torch force one")
+    attention_dtype: str = _knob("auto", "auto|fp8", "the sparse attention's products in the inputs' dtype (auto) or "
+                                                     "in float8 e4m3 with per-block scales (fp8)")
 
     def __post_init__(self) -> None:
         def fail(field: str, allowed: str) -> None:
@@ -108,6 +121,9 @@ class SparsePrefillConfig:
             fail("min_seq_len", "None (automatic) or an int >= 0")
         if self.backend not in _BACKENDS:
             fail("backend", " or ".join(repr(b) for b in _BACKENDS))
+        if self.attention_dtype not in _ATTENTION_DTYPES:
+            fail("attention_dtype", " or ".join(repr(d) for d in _ATTENTION_DTYPES)
+                 + ' ("fp8": float8 e4m3 products with per-block scales)')
 
     @property
     def min_budget_blocks(self) -> int:

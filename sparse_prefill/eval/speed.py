@@ -112,7 +112,8 @@ def attention_only(shape: tuple[int, int, int], length: int, config: SparsePrefi
         layout = random_layout(1, hq, length, length, config.block_size, density, device=device)
 
     def kernel():
-        return block_sparse_attention(q, k, v, layout, causal=True, backend=config.backend)
+        return block_sparse_attention(q, k, v, layout, causal=True, backend=config.backend,
+                                     attention_dtype=config.attention_dtype)
 
     kernel_s = time_call(kernel, device, repeats)
     kept = layout.density()

@@ -2,8 +2,10 @@
 
 `block_sparse_attention` is the one dispatch point: it states the call once (`call.AttentionCall`, which
 validates it) and hands it to the implementation `backend` picks: "auto" takes Triton for fp16/bf16
-CUDA tensors the kernel supports (`support.py`), the reference otherwise. This package is the attention
-mechanism only: it imports nothing of the selection policy.
+CUDA tensors the kernel supports (`support.py`), the reference otherwise. `attention_dtype` picks the
+arithmetic of that implementation: "fp8" runs the FP8 reference (`fp8.py`) where the reference runs, and
+where Triton runs the FP8 kernel once it exists (until then, or on a GPU older than Hopper, the fp16/bf16
+kernel, warned once). This package is the attention mechanism only: it imports nothing of the selection policy.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import torch
 
 from ..layout import BlockLayout
-from . import reference
+from ..notices import warn_once
+from . import fp8, reference
 from .call import AttentionCall
 from .interpreter import fix_interpreter_scalars
-from .support import triton_supports
+from .support import ATTENTION_DTYPES, fp8_triton_supports, triton_supports
 
 fix_interpreter_scalars()  # interpreted kernels on Triton 3.4-3.6 with numpy >= 2.4 (interpreter.py)
 
@@ -40,19 +43,29 @@ def block_sparse_attention(
     softcap: float | None = None,
     key_range: torch.Tensor | None = None,
     backend: str = "auto",
+    attention_dtype: str = "auto",
 ):
     """Exact softmax attention of q over the key blocks `layout` keeps (None = every block).
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]; the queries are the last Lq positions. Returns the output
     in q's layout and dtype, plus the fp32 log-sum-exp [B, Hq, Lq] with `return_lse`. See
-    `kernels/call.py` for the exact semantics of every argument.
+    `kernels/call.py` for the exact semantics of every argument. `attention_dtype="fp8"` computes both
+    products in float8 e4m3 with per-block scales (`fp8.py`; the module docstring says where it runs).
     """
+    if attention_dtype not in ATTENTION_DTYPES:
+        raise ValueError(f"attention_dtype must be one of {ATTENTION_DTYPES}; got {attention_dtype!r}.")
     call = AttentionCall(q, k, v, layout, causal, return_lse, scale, softcap, key_range)
-    if use_triton(q, call.block_size, backend):
+    triton = use_triton(q, call.block_size, backend)
+    if attention_dtype == "fp8":
+        if not triton:  # the reference's FP8 twin: slow, exactly the kernel's specification
+            return fp8.attend(call)
+        dtype = str(q.dtype).removeprefix("torch.")
+        warn_once(f"attention_dtype='fp8' runs in {dtype} here: {fp8_triton_supports(q, call.block_size)}.")
+    if triton:
         from . import triton_attention
 
         return triton_attention.attend(call)
     return reference.attend(call)
 
 
-__all__ = ["AttentionCall", "block_sparse_attention", "triton_supports", "use_triton"]
+__all__ = ["AttentionCall", "block_sparse_attention", "fp8_triton_supports", "triton_supports", "use_triton"]

@@ -17,6 +17,10 @@ SELECTION_DTYPES = TRITON_DTYPES
 TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)  # non-powers of two are padded in registers
 TRITON_BLOCK_SIZES = (64, 128)
 MIN_TRITON = (3, 4)  # tensor descriptors (TMA) in kernels and `tl.range(num_stages=...)`
+ATTENTION_DTYPES = ("auto", "fp8")  # the products' arithmetic: the inputs' dtype, or e4m3 (kernels/fp8.py)
+# FP8 products: Hopper's tensor cores and up. Ada (8.9) has FP8 tensor cores too, but the kernel is built for
+# Hopper's and unmeasured on Ada. Triton's e4m3 `tl.dot` on sm90 predates MIN_TRITON: no Triton check of its own.
+FP8_MIN_CAPABILITY = (9, 0)
 
 
 def head_dim_supported(head_dim: int) -> bool:
@@ -47,3 +51,17 @@ def triton_supports(q: torch.Tensor, block_size: int) -> str | None:
     if not triton_version_ok():
         return f"Triton older than {'.'.join(map(str, MIN_TRITON))} (the kernels need tensor descriptors)"
     return None
+
+
+def fp8_triton_supports(q: torch.Tensor, block_size: int) -> str | None:
+    """None when the Triton FP8 kernel can run these inputs, else the reason it cannot (then attention_dtype="fp8"
+    runs the fp16/bf16 kernel, warned once with this reason). Today there is always a reason: the kernel is not
+    written yet (docs/kernel.md, "FP8 attention", says what it will do)."""
+    reason = triton_supports(q, block_size)
+    if reason is not None:
+        return reason
+    capability = tuple(torch.cuda.get_device_capability(q.device))
+    if capability < FP8_MIN_CAPABILITY:
+        return (f"this GPU is of compute capability {capability[0]}.{capability[1]}, the FP8 kernel needs "
+                f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} (Hopper) or newer")
+    return "the Triton FP8 kernel is not written yet (on CUDA only the fp16/bf16 kernel runs)"
