@@ -56,12 +56,13 @@ def request_reason(q_len: int, k_len: int, config: SparsePrefillConfig, window: 
     return WINDOWED if window is not None and k_len > window else None
 
 
-def capturing(query: torch.Tensor) -> bool:
+def capturing(query: torch.Tensor | None) -> bool:
     """Whether this CUDA query's stream is being captured into a CUDA graph."""
-    return query.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    cuda = query is not None and query.is_cuda and torch.cuda.is_available()
+    return cuda and torch.cuda.is_current_stream_capturing()
 
 
-def call_reason(query: torch.Tensor, config: SparsePrefillConfig, *, not_causal: str | None = None,
+def call_reason(query: torch.Tensor | None, config: SparsePrefillConfig, *, not_causal: str | None = None,
                 window: int | None = None, max_keys: int | None = None, lacks: tuple[str, ...] = ()) -> str | None:
     """Why no request of this attention call may go sparse, or None: the one rule every engine asks.
 
@@ -70,7 +71,8 @@ def call_reason(query: torch.Tensor, config: SparsePrefillConfig, *, not_causal:
     (`max_keys`; None: unknown, so a windowed call is ruled out; per request: `goes_sparse`); `lacks`: what the
     call uses that the sparse path does not do, named for the user (the first is said). A call being captured
     into a CUDA graph cannot go sparse (the selection reads request lengths on the host), nor can a query the
-    Triton kernels do not take where the backend is theirs to pick.
+    Triton kernels do not take where the backend is theirs to pick. `query` None: what a layer is, asked before any
+    call (no device question; a probe tensor made then may land on the engine's default device).
     """
     if not_causal is not None:
         return not_causal
@@ -81,7 +83,7 @@ def call_reason(query: torch.Tensor, config: SparsePrefillConfig, *, not_causal:
     if capturing(query):
         return ("a prefill captured in a CUDA graph (selection reads the request lengths on the host); turn graphs "
                 "off for the prefill path, e.g. ContinuousBatchingConfig(use_cuda_graph=(False, True))")
-    if query.is_cuda and config.backend == "auto":
+    if query is not None and query.is_cuda and config.backend == "auto":
         return triton_supports(query, config.block_size)
     return None
 

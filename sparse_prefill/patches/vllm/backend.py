@@ -69,8 +69,6 @@ except ImportError as err:  # a supported version that lacks what it should have
     raise RuntimeError(f"sparse_prefill's vLLM backend cannot import vLLM's FlashAttention backend ({err}); "
                        f"vLLM {vllm.__version__} is not laid out as the supported versions are.") from err
 
-_CPU_PROBE = torch.empty(0)  # `call_reason` on what a layer is, before any query: no device question asked
-
 # When a list, each sparse request appends {"layer", "queries", "keys", "gather_ms", "attend_ms"} (CUDA events,
 # synchronised per request: for measuring only; bench/bench_vllm.py sets it in an engine of its own).
 TIMINGS: list[dict] | None = None
@@ -170,7 +168,7 @@ class SparsePrefillImpl(FlashAttentionImpl):
         kind = getattr(self.attn_type, "value", self.attn_type)
         not_causal = None if self.attn_type == AttentionType.DECODER else (
             f"{kind} attention (the sparse path is causal self-attention)")
-        return call_reason(_CPU_PROBE, self.sparse_config, not_causal=not_causal, window=window, lacks=tuple(lacks))
+        return call_reason(None, self.sparse_config, not_causal=not_causal, window=window, lacks=tuple(lacks))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
