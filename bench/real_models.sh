@@ -25,6 +25,7 @@
 #                                               wheels in $VWHEELS, or sent as pieces: vreceive; the machine's own
 #                                               transformers)
 #   vllm-bench NAME RUN ARGS...                 bench/bench_vllm.py alone (vLLM's site as for vllm)
+#   vllm-test NAME RUN                          the backend's engine test alone (FLASH_ATTN against CUSTOM at gamma 1)
 #   load NAME RUN FAMILY ARGS...                bench/bench_load.py on NAME for FAMILY (vllm: vLLM's site; transformers:
 #                                               the serving wheels of .gpu/whl), results in /root/runs/RUN
 #   vreceive PART_FILE...                       copy pieces of the vLLM wheels' tar into /root/vpieces (`touch
@@ -111,6 +112,15 @@ serving)
     mkdir -p "/root/runs/$run"
     gpu_locked env OUT="/root/runs/$run" python3 bench/bench_serving.py --model "$MODELS/$name" "$@" \
         2>&1 | tee "/root/runs/$run/bench_serving.log" ;;
+vllm-test)
+    # vllm-test NAME RUN: the backend's engine test alone (a real engine each for FLASH_ATTN and CUSTOM, same tokens)
+    name=$1 run=$2
+    until [ -e "$MODELS/$name.ready" ]; do sleep 2; done
+    mkdir -p "/root/runs/$run"
+    vllm_site
+    export PYTHONPATH=/root/vsite:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
+    gpu_locked env SPARSE_PREFILL_VLLM_MODEL="$MODELS/$name" python3 -m pytest -q tests/test_vllm_backend.py \
+        -k engine 2>&1 | tee "/root/runs/$run/pytest.log" ;;
 vllm|vllm-bench)
     # vllm NAME RUN ARGS...: the vLLM backend's GPU tests, then bench/bench_vllm.py ARGS, on the prepared model
     # (vllm-bench: the benchmark alone). vLLM's wheel and the dependencies the machine lacks are installed to
