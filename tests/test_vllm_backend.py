@@ -199,6 +199,18 @@ def test_layers_the_sparse_path_cannot_take_run_flash_attention_whole(setup):
     assert not torch.allclose(expected[:TOKENS], flash_only(metadata, cache, query)[:TOKENS], atol=1e-3)
 
 
+def test_what_a_layer_is_decides_without_asking_about_a_device(setup, monkeypatch):
+    """A layer's own rule (window, ALiBi, sinks, cache dtype) asks no device question: vLLM builds its layers with
+    CUDA as the default device, where a probe tensor made for the question became a CUDA [0] tensor and every layer
+    ran FlashAttention for "head_dim 0" (seen on an H100). The kernels' support is asked per call, of the query."""
+    asked, rule = [], backend.call_reason
+    monkeypatch.setattr(backend, "call_reason", lambda query, *a, **kw: asked.append(query) or rule(query, *a, **kw))
+    monkeypatch.setattr(per_request, "triton_supports", lambda q, block_size: "asked about a device")
+    with torch.device("meta"):  # as vLLM's default device does when it makes the layers
+        layer = impl()
+    assert layer.dense_reason is None and asked == [None]
+
+
 def test_builder_plans_nothing_for_cuda_graph_capture_and_keeps_cascade_off_for_long_queries(setup):
     import numpy as np
 
