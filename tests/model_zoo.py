@@ -1,6 +1,7 @@
 """Tiny random-weight decoder models of the families we patch, built from configs (nothing downloaded)."""
 
 import inspect
+from pathlib import Path
 
 import torch
 import transformers
@@ -69,3 +70,13 @@ def cache_of(outputs):
     """The KV cache a forward returned, under either name."""
     cache = getattr(outputs, "cache", None)
     return cache if cache is not None else outputs.past_key_values
+
+
+def load_script(path):
+    """A script of bench/ imported as a module (bench/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 a server that fails or hangs, and one end-to-end run of the script's CPU check against real `transformers serve`
 and `sparse-prefill serve` processes (a few requests, toy lengths, every wait bounded)."""
 
-import importlib.util
 import json
 import os
 import statistics
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from model_zoo import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "bench_load.py"
@@ -18,10 +18,7 @@ SCRIPT = ROOT / "bench" / "bench_load.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_load", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def make_trace(bench, **changes):

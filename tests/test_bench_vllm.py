@@ -1,13 +1,13 @@
 """bench/bench_vllm.py's wiring on a CPU, without vLLM: argument parsing, the plan, one worker process per engine,
 pairing, tables and JSON, with the stand-in engine (`--engine stub`). The GPU run must not fail on a typo."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from model_zoo import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "bench_vllm.py"
@@ -17,10 +17,7 @@ STUB = ["--models", "sparse-prefill-tiny", "--engine", "stub", "--lengths", "2k,
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vllm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_help_and_parsing_need_no_vllm(bench):
