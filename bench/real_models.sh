@@ -39,7 +39,8 @@
 # calls send the other pieces, then poll with `sleep N; logs; collect`. A machine that sits idle between calls
 # is given back with everything on it, jobs and results included: send the next call at once, and `collect`
 # in every poll so that what finished has come back.
-# The gguf reader travels as a wheel in .gpu/whl (pip download gguf==0.19.0). Results are packed into one
+# The gguf reader travels as a wheel in .gpu/whl (pip download gguf==0.19.0); bench/gpu_wheels.txt lists the wheels of
+# transformers serve (WHEELS) and of vLLM (vreceive) as a session carried them, and how to download them. Results are packed into one
 # archive under $OUT (or ./out) so they come back as one file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
