@@ -148,9 +148,9 @@ class PrefillStats:
         """Calls, sparse and dense ones (dense by reason), kept and causal blocks, the attention saved by the kernel's
         cost model and the density per layer. Reads the kept-block counts from the device (one synchronisation)."""
         sparse = [c for c in self.calls if c.sparse]
-        pending = [c for c in sparse if isinstance(c.kept, torch.Tensor)]
-        if pending:
-            for call, kept in zip(pending, torch.stack([c.kept.cpu() for c in pending]).tolist(), strict=True):
+        on_device = [c for c in sparse if isinstance(c.kept, torch.Tensor) and c.kept.is_cuda]
+        if on_device:  # one read for all (timed calls' counts are copies on the host: `kept_blocks` waits for them)
+            for call, kept in zip(on_device, torch.stack([c.kept for c in on_device]).tolist(), strict=True):
                 call.kept = kept
         reasons: dict[str, int] = {}
         for call in self.calls:
