@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -154,21 +155,13 @@ def _plan(requests: PackedRequests, call: EngineCall, config: SparsePrefillConfi
     k_rows = torch.cat([torch.arange(*requests.k_bounds[i]) for i in short]).to(device)
     cu_dtype = call.kwargs["cu_seq_lens_q"].dtype
     kwargs = {
-        "cu_seq_lens_q": torch.tensor([0, *_running_sum(q_lens)], dtype=cu_dtype).to(device),
-        "cu_seq_lens_k": torch.tensor([0, *_running_sum(k_lens)], dtype=cu_dtype).to(device),
+        "cu_seq_lens_q": torch.tensor([0, *itertools.accumulate(q_lens)], dtype=cu_dtype).to(device),
+        "cu_seq_lens_k": torch.tensor([0, *itertools.accumulate(k_lens)], dtype=cu_dtype).to(device),
         "max_length_q": max(q_lens), "max_length_k": max(k_lens),
     }
     if "max_seqlen_q" in call.kwargs:  # the names before transformers 5.19
         kwargs["max_seqlen_q"], kwargs["max_seqlen_k"] = max(q_lens), max(k_lens)
     return PackPlan(requests, sparse, ShortPack(q_rows, k_rows, kwargs))
-
-
-def _running_sum(values: list[int]) -> list[int]:
-    total, sums = 0, []
-    for value in values:
-        total += value
-        sums.append(total)
-    return sums
 
 
 def attend_packed(call: EngineCall, config: SparsePrefillConfig) -> torch.Tensor | None:
