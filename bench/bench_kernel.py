@@ -12,10 +12,12 @@ the bf16 error against the fp32 PyTorch reference (lengths up to --ref-max-len) 
     python bench/bench_kernel.py --sizes 8192,32768,65536,131072 --baselines cudnn,flash,flex
 
 Variants: "default" (the wrapper's own choice) or LOADS:BMxBN:wW:sS[:rR] with LOADS in
-pointer/tma and R a per-thread register cap. `--compare-kernel FILE` also times another revision of
-the kernel module (`git show REV:sparse_prefill/kernels/triton_attention.py > FILE`) as "before", so a
-change is measured against its predecessor in one run on one card. Layouts are built on the GPU from
-block masks (no token masks).
+pointer/tma and R a per-thread register cap; "fp8/" before either runs the FP8 kernel
+(attention_dtype="fp8"), whose K/V pre-pass is also timed alone ("fp8 prepass"), and whose --check
+compares it with its PyTorch specification (kernels/fp8.py) as well as with exact attention.
+`--compare-kernel FILE` also times another revision of the kernel module
+(`git show REV:sparse_prefill/kernels/triton_attention.py > FILE`) as "before", so a change is measured
+against its predecessor in one run on one card. Layouts are built on the GPU from block masks (no token masks).
 Results go to stdout (a short table last) and, as JSON lines, to $OUT/bench_kernel.jsonl when OUT is set.
 """
 
@@ -31,13 +33,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from sparse_prefill.kernels import triton_attention  # noqa: E402
+from sparse_prefill.kernels import AttentionCall, fp8, triton_attention  # noqa: E402
 from sparse_prefill.kernels.reference import block_sparse_attention_reference  # noqa: E402
 from sparse_prefill.kernels.triton_attention import (  # noqa: E402
     KernelConfig,
     default_config,
     triton_block_sparse_attention,
 )
+from sparse_prefill.kernels.triton_fp8 import quantize_kv  # noqa: E402
 from sparse_prefill.layout import BlockLayout, causal_block_limits  # noqa: E402
 
 RESULTS: list[dict] = []
@@ -53,7 +56,8 @@ def log(record: dict) -> None:
 
 def parse_variant(spec: str) -> KernelConfig | None:
     """'default' -> None (the wrapper picks); 'tma:128x64:w8:s3' -> KernelConfig (loads:tile:warps:stages),
-    with an optional register cap: 'tma:128x64:w8:s2:r128'."""
+    with an optional register cap: 'tma:128x64:w8:s2:r128'. An 'fp8/' prefix is the arithmetic (`dtype_of`)."""
+    spec = spec.removeprefix("fp8/")
     if spec == "default":
         return None
     parts = spec.split(":")
@@ -61,6 +65,11 @@ def parse_variant(spec: str) -> KernelConfig | None:
     registers = int(parts[4][1:]) if len(parts) > 4 else None
     return KernelConfig(block_m=bm, block_n=bn, num_warps=int(parts[2][1:]), num_stages=int(parts[3][1:]),
                         kv_loads=parts[0], max_registers=registers)
+
+
+def dtype_of(spec: str) -> str:
+    """The variant's attention_dtype: 'fp8' for 'fp8/...', else 'auto'."""
+    return "fp8" if spec.startswith("fp8/") else "auto"
 
 
 def load_kernel_file(path: str):
@@ -195,7 +204,7 @@ def check(device, variants):
                 continue
             try:
                 out, lse = triton_block_sparse_attention(q, k, v, layout, return_lse=True, key_range=key_range,
-                                                         config=config)
+                                                         config=config, attention_dtype=dtype_of(spec))
                 torch.cuda.synchronize()
             except Exception as exc:  # report and go on: one broken variant must not hide the others
                 print(f"  {spec:24s} B{b} H{hq}/{hkv} L{lq}/{lk} D{d} bs{bs} {dtype}: FAILED {type(exc).__name__}: "
@@ -205,11 +214,20 @@ def check(device, variants):
             err = errors(out, ref)
             seen = torch.isfinite(ref_lse)
             lse_err = (lse[seen] - ref_lse[seen]).abs().max().item()
-            good = (err["rel_l2"] < 1e-2 and lse_err < 1e-2 and torch.equal(seen, torch.isfinite(lse))
-                    and out.stride() == q.stride() and not out.isnan().any().item())
+            spec_err = ""
+            if dtype_of(spec) == "fp8":  # e4m3's error against exact; against its own specification, bf16's
+                want = fp8.attend(AttentionCall(q, k, v, layout, return_lse=True, key_range=key_range))[0]
+                err["vs_spec"] = errors(out, want)["rel_l2"]
+                spec_err = f" vs spec {err['vs_spec']:.2e}"
+                good = err["rel_l2"] < 0.1 and err["vs_spec"] < 1e-2 and lse_err < 0.1
+            else:
+                good = err["rel_l2"] < 1e-2 and lse_err < 1e-2
+            good = (good and torch.equal(seen, torch.isfinite(lse)) and out.stride() == q.stride()
+                    and not out.isnan().any().item())
             ok &= good
             print(f"  {spec:24s} B{b} H{hq}/{hkv} L{lq}/{lk} D{d} bs{bs} {str(dtype)[6:]:8s} range={with_range} "
-                  f"strided={strided}: rel_l2 {err['rel_l2']:.2e} max_abs {err['max_abs']:.2e} lse {lse_err:.1e} "
+                  f"strided={strided}: rel_l2 {err['rel_l2']:.2e}{spec_err} max_abs {err['max_abs']:.2e} "
+                  f"lse {lse_err:.1e} "
                   f"{'ok' if good else 'BAD'}", flush=True)
             log({"kind": "check", "variant": spec, "shape": [b, hq, hkv, lq, lk, d, bs], "dtype": str(dtype),
                  "key_range": with_range, "strided": strided, **err, "lse_err": lse_err, "ok": bool(good)})
@@ -234,14 +252,14 @@ def run_size(n, args, device, flex_compiled, deadline):
     def record(impl, layout_name, density, ms, err=None, note=""):
         flops = dense_flops * density
         row = {"kind": "time", "n": n, "layout": layout_name, "density": density, "impl": impl, "ms": ms,
-               "tflops": flops / ms / 1e9 if ms else None, **(err or {}), "note": note,
+               "tflops": flops / ms / 1e9 if ms and flops else None, **(err or {}), "note": note,
                "device": torch.cuda.get_device_name(device)}
         rows.append(row)
         log(row)
         cudnn = next((r["ms"] for r in rows if r["impl"] == "cudnn" and r["ms"]), None)
-        ratio = f"{ms / cudnn:6.3f}x cudnn  {ms / (density * cudnn):5.2f}x d*cudnn" if cudnn and ms else ""
+        ratio = f"{ms / cudnn:6.3f}x cudnn  {ms / (density * cudnn):5.2f}x d*cudnn" if cudnn and ms and density else ""
         err_s = f"rel_l2 {err['rel_l2']:.1e}" if err else ""
-        ms_s = f"{ms:9.3f} ms {row['tflops']:6.1f} TFLOP/s" if ms else "     failed"
+        ms_s = f"{ms:9.3f} ms {row['tflops'] or 0:6.1f} TFLOP/s" if ms else "     failed"
         print(f"  N={n:6d} {layout_name:16s} d={density:5.3f} {impl:26s} {ms_s}  {ratio}  {err_s} {note}", flush=True)
 
     # dense baselines
@@ -307,15 +325,19 @@ def run_size(n, args, device, flex_compiled, deadline):
                 record("flex", name, density, None, note=f"failed: {type(exc).__name__} {str(exc)[:150]}")
         runs = [("ours", triton_block_sparse_attention, spec) for spec in args.variants]
         if args.compare_kernel:
-            runs += [("before", args.compare_kernel, "default")]
+            runs += [("before", args.compare_kernel, spec) for spec in ("default", "fp8/default")
+                     if spec in args.variants]
         for who, kernel, spec in runs:
             config = parse_variant(spec)
             layout_bs = 128 if layout is None else layout.block_size
             label = f"{who}:" + (spec if config is not None else
                                  "default(" + _describe(default_config(d, layout_bs, q)) + ")")
+            label = ("fp8/" if dtype_of(spec) == "fp8" and config is None else "") + label
 
-            def timed(layout=layout, config=config, kernel=kernel):
-                return kernel(q, k, v, layout, config=config)
+            kwargs = {"attention_dtype": "fp8"} if dtype_of(spec) == "fp8" else {}  # (a revision without FP8 fails)
+
+            def timed(layout=layout, config=config, kernel=kernel, kwargs=kwargs):
+                return kernel(q, k, v, layout, config=config, **kwargs)
             try:
                 out = timed()
                 torch.cuda.synchronize()
@@ -330,6 +352,8 @@ def run_size(n, args, device, flex_compiled, deadline):
             record(label, name, density, bench_ms(timed, n), err)
         del ref, flex_out
         torch.cuda.empty_cache()
+    if any(dtype_of(spec) == "fp8" for spec in args.variants):  # its share of every FP8 call: once per size
+        record("fp8 prepass", "K and V", 0.0, bench_ms(lambda: quantize_kv(k, v, bs), n))
     return rows
 
 
@@ -354,7 +378,7 @@ def compiled_resources():
 
 
 def summary(rows):
-    print("\n== summary (ms; ratio = time / (density x cuDNN dense time)) ==")
+    print("\n== summary (ms; ratio = time / (density x cuDNN dense time); fp8 rows: bf16 default's time / theirs) ==")
     by_n = {}
     for r in rows:
         by_n.setdefault(r["n"], []).append(r)
@@ -363,10 +387,13 @@ def summary(rows):
         for r in rs:
             if not r["ms"]:
                 continue
-            ratio = f"{r['ms'] / (r['density'] * cudnn):5.2f}" if cudnn else "  -  "
+            ratio = f"{r['ms'] / (r['density'] * cudnn):5.2f}" if cudnn and r["density"] else "  -  "
             err = f"{r['rel_l2']:.1e}" if r.get("rel_l2") is not None else "   -   "
+            bf16 = next((x["ms"] for x in rs if x["impl"].startswith("ours:default") and x["ms"]
+                         and x["layout"] == r["layout"] and x["density"] == r["density"]), None)
+            gain = f"{bf16 / r['ms']:5.2f}x" if bf16 and "fp8/" in r["impl"] else ""
             print(f"{n:6d} | {r['layout']:11s} | {r['density']:5.3f} | {r['impl'][:42]:42s} | {r['ms']:9.3f} | "
-                  f"{r['tflops']:6.1f} | {ratio} | {err}")
+                  f"{r['tflops'] or 0:6.1f} | {ratio} | {err} {gain}")
 
 
 def main():

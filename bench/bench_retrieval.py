@@ -74,6 +74,9 @@ CONFIGS = {  # name: SparsePrefillConfig fields (min_seq_len=0: the sparse path 
     # beyond the fewest blocks covering gamma (sink and diagonal count toward it). Slow: a benchmark only.
     "oracle90": {**_ORACLE, "gamma": 0.9},
     "oracle95": {**_ORACLE, "gamma": 0.95},
+    # FP8 attention of the kept blocks (attention_dtype="fp8"), and its own exact control: every causal block in FP8
+    "fp8": {"attention_dtype": "fp8"},
+    "exact-fp8": {"gamma": 1.0, "attention_dtype": "fp8"},
 }
 
 

@@ -61,10 +61,13 @@ class SparsePrefillConfig:
         attention_dtype: the arithmetic of the sparse path's attention products. "auto" computes them in
             the inputs' dtype (fp16/bf16, fp32 accumulation). "fp8" rounds Q, K (smoothed by its mean),
             P and V to float8 e4m3 with per-block scales and accumulates in fp32 (docs/kernel.md, "FP8
-            attention": what it costs in error): the Triton FP8 kernel on Hopper once it exists, the PyTorch
-            FP8 reference where the reference runs (CPU; backend="torch"); elsewhere it falls back to
-            "auto" with one warning that says why. The selection always runs in the inputs' dtype: it is
-            ~2 % of dense attention's time at 128K, and it ranks blocks, where rounding moves the budget.
+            attention": what it costs in error): the Triton FP8 kernel on Hopper and newer at head_dim 128
+            and 256, the PyTorch FP8 reference where the reference runs (CPU; backend="torch"); elsewhere
+            (an older GPU, head_dim below 128, where it measured slower) it falls back to "auto" with one
+            warning that says why. Measured 1.17-1.22x the bf16 kernel on the 8B shape at 128K, 1.04x end
+            to end: not the default (docs/configuration.md says when to use it). The selection always runs
+            in the inputs' dtype: it is ~2 % of dense attention's time at 128K, and it ranks blocks, where
+            rounding moves the budget.
             The name and values are vLLM's `--kv-cache-dtype auto|fp8` ("auto": the model's dtype; "fp8":
             e4m3 with scales), which serving users know; a dtype rather than a bool (TensorRT-LLM's
             `use_fp8_context_fmha`) leaves room for another format without a second field.

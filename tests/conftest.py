@@ -20,3 +20,19 @@ def no_recorder_outlives_its_test():
     yield
     for recorder in list(stats.RECORDERS):
         stats.stop_logging(recorder)
+
+
+@pytest.fixture
+def poisoned_kernel_outputs(monkeypatch):
+    """Fill the Triton attention kernel's output and lse buffers with NaN, so elements it forgets to write fail."""
+    from sparse_prefill.kernels import triton_attention
+
+    allocate = triton_attention._allocate_outputs
+
+    def poisoned(q, return_lse):
+        out, lse = allocate(q, return_lse)
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        return out, lse
+
+    monkeypatch.setattr(triton_attention, "_allocate_outputs", poisoned)

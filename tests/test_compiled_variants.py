@@ -24,8 +24,8 @@ import torch
 
 from sparse_prefill import SparsePrefillConfig, kernels, selection, sparse_attention
 
-KERNEL_MODULES = ("sparse_prefill.kernels.triton_attention", "sparse_prefill.selection.fused",
-                  "sparse_prefill.selection.fused_policy")
+KERNEL_MODULES = ("sparse_prefill.kernels.triton_attention", "sparse_prefill.kernels.triton_fp8",
+                  "sparse_prefill.selection.fused", "sparse_prefill.selection.fused_policy")
 POLICY_KERNELS = {"_calibrate_heads_kernel", "_choose_rows_kernel"}
 CONFIG = SparsePrefillConfig(block_size=64, gamma=0.9, min_budget_tokens=128, min_seq_len=0, backend="triton",
                              exact_tail_tokens=64, question_blocks=2)
@@ -100,12 +100,12 @@ def recorded_keys():
             setattr(module, name, kernel)
 
 
-def run(q_len: int, k_len: int, last_chunk: bool = True):
+def run(q_len: int, k_len: int, last_chunk: bool = True, config: SparsePrefillConfig = CONFIG):
     g = torch.Generator().manual_seed(q_len * 7919 + k_len)
     # 2 query heads: a buffer of 2 x (blocks x blocks) fp32 cells is 16-byte aligned for some lengths only
     q = torch.randn(1, 2, q_len, 64, generator=g, dtype=torch.float16)
     k, v = (torch.randn(1, 1, k_len, 64, generator=g, dtype=torch.float16) for _ in range(2))
-    sparse_attention(q, k, v, CONFIG, last_chunk=last_chunk)
+    sparse_attention(q, k, v, config, last_chunk=last_chunk)
 
 
 # (q_len, k_len, last_chunk): a whole prompt, a chunk in the middle, the last chunk; key blocks <= 16 (one NKB)
@@ -221,3 +221,31 @@ def test_warm_up_covers_the_context_yarn_extends_it_to():
     yarn = Qwen2Config(max_position_embeddings=32768, rope_parameters={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6})
     assert context_length(plain) == 32768 and context_length(yarn) == 131072
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_dtype="fp8": the pre-pass and the FP8 kernel follow no length either, and the warm-up compiles them
+# ---------------------------------------------------------------------------------------------
+
+FP8_CONFIG = CONFIG.replace(attention_dtype="fp8")
+
+
+def test_fp8_variants_follow_no_length_and_are_warmed_up(monkeypatch):
+    as_on_cuda(monkeypatch)
+    monkeypatch.setattr(kernels, "fp8_triton_supports", lambda q, block_size: None)
+    seen = {}
+    for shape in REPRESENTATIVES + OTHER_LENGTHS[:3]:
+        with recorded_keys() as keys_of_shape:
+            run(*shape, config=FP8_CONFIG)
+        seen[shape] = keys_of_shape
+    known = union(seen, REPRESENTATIVES)
+    assert {name for name, _ in known} >= {"_block_sparse_attention_kernel", "_quantize_blocks_kernel"}
+    assert ("FP8", True) in dict_keys(known, "_block_sparse_attention_kernel")
+    new = union(seen, OTHER_LENGTHS[:3]) - known
+    assert not new, "FP8 variants that follow the length: " + "; ".join(
+        f"{name}: {[kv for kv in key if kv not in dict_keys(known, name)]}" for name, key in new)
+    from sparse_prefill.attention import warm_up_kernels
+
+    with recorded_keys() as warmed:
+        warm_up_kernels(2, 1, 64, 1024, FP8_CONFIG, dtype=torch.float16, device="cpu")
+    assert union(seen, REPRESENTATIVES + OTHER_LENGTHS[:3]) <= warmed

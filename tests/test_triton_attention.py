@@ -20,18 +20,7 @@ from sparse_prefill.layout import BlockLayout
 TOL = {torch.float16: 2e-3, torch.float32: 2e-5}
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Fill the kernel's output and lse buffers with NaN, so unwritten elements cannot pass."""
-    allocate = ta._allocate_outputs
-
-    def poisoned(q, return_lse):
-        out, lse = allocate(q, return_lse)
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
-        return out, lse
-
-    monkeypatch.setattr(ta, "_allocate_outputs", poisoned)
+pytestmark = pytest.mark.usefixtures("poisoned_kernel_outputs")  # conftest.py: unwritten elements cannot pass
 
 
 def random_layout(batch, heads, n_q, n_k, density, block_size, gen, max_count=None, empty_and_full_rows=True):
@@ -251,3 +240,30 @@ def test_random_shapes(kv_heads, group, q_len, extra_keys, dim, density, block_s
     n_q, n_k = -(-q_len // block_size), -(-k_len // block_size)
     layout = random_layout(1, kv_heads * group, n_q, n_k, density, block_size, gen, empty_and_full_rows=False)
     assert_matches_reference(q, k, v, layout)
+
+
+def test_kernels_read_only_globals_a_compiled_kernel_may_read():
+    """A compiled kernel may read a module global only if it is a tl.constexpr, a dtype, a module or another jit
+    function: Triton refuses a plain number at compile time ("Cannot access global variable"), and the interpreter
+    these tests run under does not, so the mistake would first show on a GPU."""
+    import importlib
+    import types
+
+    import triton
+    import triton.language as tl
+
+    jitted = triton.runtime.jit.KernelInterface  # a JITFunction, or under the interpreter an InterpretedFunction
+    allowed = (tl.constexpr, tl.dtype, types.ModuleType, jitted)
+    checked = 0
+    for name in ("sparse_prefill.kernels.triton_attention", "sparse_prefill.kernels.triton_fp8",
+                 "sparse_prefill.selection.fused", "sparse_prefill.selection.fused_policy"):
+        module = importlib.import_module(name)
+        for kernel in vars(module).values():
+            if not isinstance(kernel, jitted) or kernel.fn.__module__ != name:
+                continue
+            checked += 1
+            for ref in kernel.fn.__code__.co_names:  # globals, and attribute names (tl.load's load), builtins
+                if ref in kernel.fn.__globals__:
+                    value = kernel.fn.__globals__[ref]
+                    assert isinstance(value, allowed), f"{name}.{kernel.fn.__name__} reads the global {ref} = {value!r}"
+    assert checked >= 10

@@ -4,8 +4,9 @@
 validates it) and hands it to the implementation `backend` picks: "auto" takes Triton for fp16/bf16
 CUDA tensors the kernel supports (`support.py`), the reference otherwise. `attention_dtype` picks the
 arithmetic of that implementation: "fp8" runs the FP8 reference (`fp8.py`) where the reference runs, and
-where Triton runs the FP8 kernel once it exists (until then, or on a GPU older than Hopper, the fp16/bf16
-kernel, warned once). This package is the attention mechanism only: it imports nothing of the selection policy.
+where Triton runs, the FP8 kernel on Hopper and newer (`triton_attention.attend(..., attention_dtype="fp8")`)
+or, on an older GPU, the fp16/bf16 kernel, warned once. This package is the attention mechanism only: it
+imports nothing of the selection policy.
 """
 
 from __future__ import annotations
@@ -59,8 +60,13 @@ def block_sparse_attention(
     if attention_dtype == "fp8":
         if not triton:  # the reference's FP8 twin: slow, exactly the kernel's specification
             return fp8.attend(call)
+        reason = fp8_triton_supports(q, call.block_size)
+        if reason is None:
+            from . import triton_attention
+
+            return triton_attention.attend(call, attention_dtype="fp8")
         dtype = str(q.dtype).removeprefix("torch.")
-        warn_once(f"attention_dtype='fp8' runs in {dtype} here: {fp8_triton_supports(q, call.block_size)}.")
+        warn_once(f"attention_dtype='fp8' runs in {dtype} here: {reason}.")
     if triton:
         from . import triton_attention
 

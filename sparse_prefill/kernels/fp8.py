@@ -1,5 +1,6 @@
-"""FP8 block-sparse attention in plain PyTorch: the specification of the Triton FP8 kernel (not written yet), and
-the path `attention_dtype="fp8"` takes wherever the reference runs (CPU; `backend="torch"`).
+"""FP8 block-sparse attention in plain PyTorch: the specification of the Triton FP8 kernel (triton_attention.py with
+`attention_dtype="fp8"`, its operands from triton_fp8.py), and the path `attention_dtype="fp8"` takes wherever the
+reference runs (CPU; `backend="torch"`).
 
 What is quantised, and how (docs/kernel.md, "FP8 attention", has the measured errors):
 
@@ -15,12 +16,16 @@ What is quantised, and how (docs/kernel.md, "FP8 attention", has the measured er
   dequantised values in fp32, the same up to fp32 rounding.
 * With `quantize_pv` (what `attention_dtype="fp8"` does): V per (batch, KV head, block) like K, unsmoothed;
   P, in [0, 1], to e4m3 with one scale per (query row, key block) that maps the block's largest probability to
-  448, and the denominator is the row sum of the rounded P (the output is a convex combination of the rounded
-  V rows). A fixed scale (FlashAttention-3's P * 448, `p_scale="fixed"`) rounds probabilities below ~2e-6 of
-  the row's running maximum to zero, and those below ~3e-5 to e4m3's coarse subnormals: behind a strong sink
-  that is most of the keys of a long row, and together much of its mass. The per-block scale costs the kernel
-  one multiply per row and tile, because the tile's row maximum is already computed: P = exp(s - tile max), and
-  its product is rescaled by exp(tile max - running max) as the accumulator is.
+  448. The denominator is the row sum of P before rounding, as the kernel computes it (reading the rounded P back
+  costs a conversion per score, and Triton 3.6 miscompiles it on Hopper where the same P feeds the product);
+  `rounded_denominator=True` sums the rounded P instead, which makes the output a convex combination of the
+  rounded V rows and was measured 1 % more accurate (bench/fp8_error.py). A fixed scale (FlashAttention-3's
+  P * 448, `p_scale="fixed"`) rounds probabilities below ~2e-6 of the row's running maximum to zero, and those
+  below ~3e-5 to e4m3's coarse subnormals: behind a strong sink that is most of the keys of a long row, and
+  together much of its mass (the unrounded denominator still counts it; the numerator loses their values). The
+  per-block scale costs the kernel one multiply per row and tile, because the tile's row maximum is already
+  computed: P = exp(s - tile max), and its product is rescaled by exp(tile max - running max) as the
+  accumulator is.
 * fp32 everywhere else; the output in q's dtype.
 
 The selection never runs in FP8 (`SparsePrefillConfig.attention_dtype` says why). This module holds no policy:
@@ -106,12 +111,14 @@ def quantize_probabilities(p: torch.Tensor, block_size: int, p_scale: str = "blo
     return rounded.flatten(-2)[..., :cols]
 
 
-def attend(call: AttentionCall, *, smooth_k: bool = True, quantize_pv: bool = True, p_scale: str = "block"):
+def attend(call: AttentionCall, *, smooth_k: bool = True, quantize_pv: bool = True, p_scale: str = "block",
+           rounded_denominator: bool = False):
     """`reference.attend` with the products in FP8 (module docstring): same arguments, masking and results.
 
     `smooth_k` subtracts K's mean before quantising it; `quantize_pv` rounds P and V to e4m3 for the second
     product (False keeps it at the inputs' precision, fp32 arithmetic: the first product alone in FP8);
-    `p_scale` is how P is scaled for that ("block" or "fixed"). The defaults are `attention_dtype="fp8"`.
+    `p_scale` is how P is scaled for that ("block" or "fixed"); `rounded_denominator` divides by the rounded P's
+    row sum instead of P's. The defaults are `attention_dtype="fp8"`, and what the Triton FP8 kernel computes.
     """
     if p_scale not in P_SCALES:
         raise ValueError(f"p_scale must be one of {P_SCALES}; got {p_scale!r}.")
@@ -139,4 +146,5 @@ def attend(call: AttentionCall, *, smooth_k: bool = True, quantize_pv: bool = Tr
 
     # Chunks of whole blocks, so that each key block's P is scaled over the whole block in one step.
     chunk = max(reference._CHUNK // block_size, 1) * block_size
-    return reference.online_softmax(call, scores, values, weights if quantize_pv else None, chunk)
+    return reference.online_softmax(call, scores, values, weights if quantize_pv else None, chunk,
+                                    unweighted_denominator=not rounded_denominator)

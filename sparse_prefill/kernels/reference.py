@@ -72,14 +72,16 @@ def attend(call: AttentionCall):
     return online_softmax(call, scores, values)
 
 
-def online_softmax(call: AttentionCall, scores, values, weights=None, chunk: int | None = None):
+def online_softmax(call: AttentionCall, scores, values, weights=None, chunk: int | None = None,
+                   unweighted_denominator: bool = False):
     """The reference's one online-softmax loop, over chunks of `chunk` query rows and key columns (default
     `_CHUNK`), with the arithmetic of the two products left to its caller (`attend` here, `fp8.attend`):
 
         scores(q_rows, k_cols) -> fp32 [B, Hq, rows, cols], the scaled scores before softcap and mask;
         values(k_cols) -> fp32 [B, Hq, cols, D], the values those columns contribute (per query head);
         weights(p, k_cols) -> p as the second product takes it (None: as computed), for p in [0, 1]
-            relative to the row's running maximum; the row sums of what it returns are the denominator.
+            relative to the row's running maximum; the row sums of what it returns are the denominator, or with
+            `unweighted_denominator` those of p as computed.
 
     Masking (layout, causality, key range), softcap and the empty-row rules (zero output, -inf lse) are this
     loop's, so every arithmetic shares them. Returns what `attend` returns.
@@ -111,10 +113,12 @@ def online_softmax(call: AttentionCall, scores, values, weights=None, chunk: int
             m_new = torch.maximum(m, s.amax(-1))
             safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
             p = torch.exp(s - safe[..., None])
+            row_sum = p.sum(-1)
             if weights is not None:
                 p = weights(p, range(k0, k1))
+                row_sum = row_sum if unweighted_denominator else p.sum(-1)
             alpha = torch.exp(m - safe)
-            denom = denom * alpha + p.sum(-1)
+            denom = denom * alpha + row_sum
             acc = acc * alpha[..., None] + p @ values(range(k0, k1))
             m = m_new
         empty = denom == 0

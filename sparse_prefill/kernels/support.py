@@ -21,6 +21,10 @@ ATTENTION_DTYPES = ("auto", "fp8")  # the products' arithmetic: the inputs' dtyp
 # FP8 products: Hopper's tensor cores and up. Ada (8.9) has FP8 tensor cores too, but the kernel is built for
 # Hopper's and unmeasured on Ada. Triton's e4m3 `tl.dot` on sm90 predates MIN_TRITON: no Triton check of its own.
 FP8_MIN_CAPABILITY = (9, 0)
+# Below head_dim 128 a tile holds too little matrix work for FP8's faster products to pay for its extra
+# per-score work: measured 0.70x (128x64 tiles) and 0.92x (128x128) the bf16 kernel's speed at head_dim 64 on an
+# H100, and 1.17-1.22x at 128 (bench/RESULTS.md, "FP8 attention"). Such calls run the fp16/bf16 kernel, warned.
+FP8_MIN_HEAD_DIM = 128
 
 
 def head_dim_supported(head_dim: int) -> bool:
@@ -55,8 +59,7 @@ def triton_supports(q: torch.Tensor, block_size: int) -> str | None:
 
 def fp8_triton_supports(q: torch.Tensor, block_size: int) -> str | None:
     """None when the Triton FP8 kernel can run these inputs, else the reason it cannot (then attention_dtype="fp8"
-    runs the fp16/bf16 kernel, warned once with this reason). Today there is always a reason: the kernel is not
-    written yet (docs/kernel.md, "FP8 attention", says what it will do)."""
+    runs the fp16/bf16 kernel, warned once with this reason)."""
     reason = triton_supports(q, block_size)
     if reason is not None:
         return reason
@@ -64,4 +67,7 @@ def fp8_triton_supports(q: torch.Tensor, block_size: int) -> str | None:
     if capability < FP8_MIN_CAPABILITY:
         return (f"this GPU is of compute capability {capability[0]}.{capability[1]}, the FP8 kernel needs "
                 f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} (Hopper) or newer")
-    return "the Triton FP8 kernel is not written yet (on CUDA only the fp16/bf16 kernel runs)"
+    if q.shape[-1] < FP8_MIN_HEAD_DIM:
+        return (f"head_dim {q.shape[-1]} is below {FP8_MIN_HEAD_DIM}, where the FP8 kernel was measured slower than "
+                f"the bf16 one (0.70-0.92x at head_dim 64 on an H100)")
+    return None

@@ -36,8 +36,10 @@ import triton.language as tl
 from ..layout import BlockLayout
 from .call import AttentionCall
 from .support import TRITON_BLOCK_SIZES, TRITON_DTYPES, TRITON_HEAD_DIMS
+from .triton_fp8 import quantize_kv, to_e4m3
 
 LOG2E = 1.4426950408889634
+LOG2_448 = tl.constexpr(8.807354922057604)  # log2 of e4m3's largest value, the FP8 kernel's scale for P (in-kernel)
 KERNEL_DTYPES = (*TRITON_DTYPES, torch.float32)  # float32: tests and debugging only (slow)
 KV_LOADS = ("pointer", "tma")
 
@@ -125,14 +127,22 @@ def _attend_tiles(
     stride_kn, stride_kd, stride_vn, stride_vd,
     idx_row, tile_lo, tile_hi, key_lo, key_hi, k_len,
     qk_scale, softcap_log2, softcap_arg,
+    q_scale, k_scales, v_scales, row_bias,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     DENSE: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     KV_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """The online-softmax core: fold key tiles [tile_lo, tile_hi) of the row into (acc, l_i, m_i).
 
     Scores are kept in log2 units (`qk_scale` = scale * log2 e). `MASKED` tiles apply the causal,
     key-range and end-of-keys masks; unmasked tiles are known to be fully visible to every row.
+
+    `FP8` (kernels/fp8.py is the specification): q, K and V are e4m3, K smoothed by its mean; q_scale is the query
+    tile's scale, k_scales / v_scales point at this KV head's per-block scales, row_bias is q . mean(k) per row
+    (used under softcap only: elsewhere it is one constant per row, which softmax ignores). P is rounded to e4m3
+    per (row, tile), its largest value per row mapped to 448, and each tile's P.V is added to the fp32
+    accumulator with its scale.
     """
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SIZE // BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
@@ -147,7 +157,10 @@ def _attend_tiles(
         # -- load K and V tiles [BLOCK_N, BLOCK_D] -------------------------------------------------
         if KV_TMA:
             k = k_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = v_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_D)
+            if FP8:  # V is stored [D, L] (keys contiguous, as the FP8 product's operand wants them)
+                v = tl.trans(v_desc.load([b, kv_head, 0, n0]).reshape(BLOCK_D, BLOCK_N))
+            else:
+                v = v_desc.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_D)
         else:
             k_ptrs = k_head + n0.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
             v_ptrs = v_head + n0.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -159,11 +172,20 @@ def _attend_tiles(
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
         # -- scores in log2 units --------------------------------------------------------------------
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HAS_SOFTCAP:
-            s = softcap_log2 * tanh(s * softcap_arg)
+        if FP8:  # s * c in log2 units, c applied with the max subtracted (one fused multiply-add per score)
+            block_scale = q_scale * tl.load(k_scales + n0 // BLOCK_SIZE)
+            s = tl.dot(q, tl.trans(k))  # e4m3 x e4m3, fp32 accumulation
+            if HAS_SOFTCAP:
+                s = softcap_log2 * tanh((s * block_scale + row_bias[:, None]) * softcap_arg)
+                c = 1.0
+            else:
+                c = block_scale * qk_scale  # > 0: the mask's -inf and the row maximum commute with it
         else:
-            s = s * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if HAS_SOFTCAP:
+                s = softcap_log2 * tanh(s * softcap_arg)
+            else:
+                s = s * qk_scale
         if MASKED:
             cols = n0 + offs_n
             visible = (cols[None, :] >= key_lo) & (cols[None, :] < key_hi)
@@ -171,14 +193,30 @@ def _attend_tiles(
                 visible = visible & (cols[None, :] <= rows_pos[:, None])
             s = tl.where(visible, s, float("-inf"))
         # -- online softmax update ---------------------------------------------------------------------
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:  # a row may have seen nothing yet: keep its max finite so exp2 gives 0, not NaN
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if FP8:
+            m_tile = tl.max(s, 1) * c
+            m_new = tl.maximum(m_i, m_tile)
+            if MASKED:  # as below; a row with no visible key in this tile gets p = 0 and a unit rescale
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+                m_tile = tl.where(m_tile == float("-inf"), m_new, m_tile)
+            # P relative to the tile's own row maximum, so its largest value is 1, becomes 448 in e4m3. The
+            # denominator sums P before rounding (fp8.attend's default): reading the rounded P back as well is
+            # miscompiled by Triton 3.6 on Hopper when it also feeds the product (bench/RESULTS.md, FP8)
+            p = tl.math.exp2(s * c - (m_tile - LOG2_448)[:, None])  # 448 * 2^(s - m_tile)
+            alpha = tl.math.exp2(m_i - m_new)
+            rescale = tl.math.exp2(m_tile - m_new) * (1.0 / 448.0)
+            l_i = l_i * alpha + tl.sum(p, 1) * rescale
+            pv = tl.dot(to_e4m3(p, INTERPRET), v)
+            acc = acc * alpha[:, None] + pv * (rescale * tl.load(v_scales + n0 // BLOCK_SIZE))[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if MASKED:  # a row may have seen nothing yet: keep its max finite so exp2 gives 0, not NaN
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -186,24 +224,25 @@ def _attend_tiles(
 # Arguments that follow the prompt's length or the layout's width: not specialised on, so that one compiled kernel
 # serves every length and chunk offset (a server would otherwise compile a variant per value class).
 _SHAPE_ARGS = ("stride_cb", "stride_ch", "stride_cq", "stride_ib", "stride_ih", "stride_iq", "q_len", "k_len",
-               "n_q_tiles", "index_width")
+               "n_q_tiles", "index_width", "n_key_blocks")
 
 
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _block_sparse_attention_kernel(
-    Q, K, V, Out, Lse, KeyRange, Counts, Indices, k_desc, v_desc,
+    Q, K, V, Out, Lse, KeyRange, Counts, Indices, k_desc, v_desc, KScale, VScale, KMean,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_cb, stride_ch, stride_cq,
     stride_ib, stride_ih, stride_iq,
-    q_heads, kv_heads, q_len, k_len, n_q_tiles, index_width,
+    q_heads, kv_heads, q_len, k_len, n_q_tiles, index_width, n_key_blocks,
     qk_scale, softcap_log2, softcap_arg,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_RANGE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr, KV_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr, COUNT_CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr,
+    FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One (batch, query head, query tile): prologue (which keys), three calls of the online-softmax
     core (lower boundary, unmasked, upper boundary), epilogue. Long because it is one program's whole
@@ -233,6 +272,22 @@ def _block_sparse_attention_kernel(
     q_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     k_head = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    # -- FP8: the query tile to e4m3 with one scale (its largest magnitude to 448), this KV head's block scales,
+    # and q . mean(k) per row where the scores or the lse need it back (kernels/fp8.py)
+    NEED_BIAS: tl.constexpr = FP8 and (HAS_SOFTCAP or RETURN_LSE)
+    q_scale = 1.0
+    row_bias = tl.zeros([BLOCK_M], tl.float32)
+    k_scales = KScale + (b * kv_heads + kv_head).to(tl.int64) * n_key_blocks
+    v_scales = VScale + (b * kv_heads + kv_head).to(tl.int64) * n_key_blocks
+    if FP8:
+        q_f32 = q.to(tl.float32)
+        if NEED_BIAS:
+            mean = tl.load(KMean + (b * kv_heads + kv_head).to(tl.int64) * HEAD_DIM + offs_d,
+                           mask=offs_d < HEAD_DIM, other=0.0)
+            row_bias = tl.sum(q_f32 * mean[None, :], 1)
+        q_amax = tl.max(tl.max(tl.abs(q_f32), 1), 0)
+        q_scale = tl.where(q_amax > 0, tl.math.div_rn(q_amax, 448.0), 1.0)
+        q = to_e4m3(tl.math.div_rn(q_f32, q_scale), INTERPRET)
     v_head = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
     # -- keys this tile may see: [key_lo, key_hi), and causally up to each row's position -----------
@@ -282,19 +337,21 @@ def _block_sparse_attention_kernel(
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, q, rows_pos, k_head, v_head, k_desc, v_desc, b, kv_head,
             stride_kn, stride_kd, stride_vn, stride_vd, idx_row, skip_lo * TILES, full_lo_pos * TILES,
-            key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
+            key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg, q_scale, k_scales, v_scales, row_bias,
             BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, DOT_PRECISION,
-            MASKED_STAGES)
+            MASKED_STAGES, FP8, INTERPRET)
     acc, l_i, m_i = _attend_tiles(  # fully visible blocks: no mask
         acc, l_i, m_i, q, rows_pos, k_head, v_head, k_desc, v_desc, b, kv_head,
         stride_kn, stride_kd, stride_vn, stride_vd, idx_row, full_lo_pos * TILES, full_hi_pos * TILES,
-        key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, False, HAS_SOFTCAP, KV_TMA, DOT_PRECISION, FULL_STAGES)
+        key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg, q_scale, k_scales, v_scales, row_bias,
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, False, HAS_SOFTCAP, KV_TMA, DOT_PRECISION, FULL_STAGES,
+        FP8, INTERPRET)
     acc, l_i, m_i = _attend_tiles(  # the diagonal and the end of the keys
         acc, l_i, m_i, q, rows_pos, k_head, v_head, k_desc, v_desc, b, kv_head,
         stride_kn, stride_kd, stride_vn, stride_vd, idx_row, full_hi_pos * TILES, vis_hi_pos * TILES,
-        key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg,
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, DOT_PRECISION, MASKED_STAGES)
+        key_lo, key_hi, k_len, qk_scale, softcap_log2, softcap_arg, q_scale, k_scales, v_scales, row_bias,
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DENSE, CAUSAL, True, HAS_SOFTCAP, KV_TMA, DOT_PRECISION, MASKED_STAGES,
+        FP8, INTERPRET)
 
     # -- epilogue: rows that saw no key get 0 and lse -inf ------------------------------------------------
     seen = l_i > 0.0
@@ -303,7 +360,10 @@ def _block_sparse_attention_kernel(
               + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
     if RETURN_LSE:
-        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        lse_log2 = m_i + tl.math.log2(tl.where(seen, l_i, 1.0))
+        if FP8 and not HAS_SOFTCAP:  # the row constant smoothing took out of the scores
+            lse_log2 += row_bias * qk_scale
+        lse = tl.where(seen, lse_log2 / 1.4426950408889634, float("-inf"))
         tl.store(Lse + (b * q_heads + h).to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
 
 
@@ -343,14 +403,18 @@ def _tma_ready(t: torch.Tensor) -> bool:
             and all(s > 0 and (s * size) % 16 == 0 for s in t.stride()[:-1]))
 
 
-def _kv_operands(k, v, config: KernelConfig, block_d: int):
-    """What the kernel receives for K and V tile loads: descriptors, pointers, or pointers to build from."""
+def _kv_operands(k, v, config: KernelConfig, block_d: int, v_transposed: bool = False):
+    """What the kernel receives for K and V tile loads: descriptors, pointers, or pointers to build from.
+    `v_transposed`: v is a [B, H, L, D] view of [B, H, D, L] storage (the FP8 operands), described as the latter."""
     if config.kv_loads == "tma":
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         box = [1, 1, config.block_n, block_d]
-        return (TensorDescriptor(k, list(k.shape), list(k.stride()), box),
-                TensorDescriptor(v, list(v.shape), list(v.stride()), box))
+        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), box)
+        if v_transposed:
+            v = v.transpose(-1, -2)
+            box = [1, 1, block_d, config.block_n]
+        return k_desc, TensorDescriptor(v, list(v.shape), list(v.stride()), box)
     return k, v
 
 
@@ -363,8 +427,10 @@ def _allocate_outputs(q: torch.Tensor, return_lse: bool):
 
 
 def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                  layout: BlockLayout | None = None, config: KernelConfig | None = None, **options):
-    """The kernel called on its own (tests, benchmarks): `attend(AttentionCall(q, k, v, layout, **options), config)`.
+                                  layout: BlockLayout | None = None, config: KernelConfig | None = None,
+                                  attention_dtype: str = "auto", **options):
+    """The kernel called on its own (tests, benchmarks):
+    `attend(AttentionCall(q, k, v, layout, **options), config, attention_dtype)`.
 
     Example, one head, 3 blocks of 64, keeping the sink and the diagonal:
 
@@ -373,28 +439,35 @@ def triton_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                                   device="cuda"), block_size=64, num_key_blocks=3)
         out = triton_block_sparse_attention(q, k, v, layout)  # q, k, v [1, 1, 192, 128] on CUDA
     """
-    return attend(AttentionCall(q, k, v, layout, **options), config)
+    return attend(AttentionCall(q, k, v, layout, **options), config, attention_dtype)
 
 
-def attend(call: AttentionCall, config: KernelConfig | None = None):
+def attend(call: AttentionCall, config: KernelConfig | None = None, attention_dtype: str = "auto"):
     """Block-sparse attention with the Triton kernel; arguments and results as in `call.AttentionCall`.
 
     q [B, Hq, Lq, D] and k/v [B, Hkv, Lk, D] in float16 or bfloat16, any strides (e.g. the
     [B, H, L, D] transposed views transformers passes); head_dim 64, 80, 96, 128 or 256; a layout of
     block size 64 or 128 (None attends to every block). Returns the output in q's layout, plus the
     natural-log log-sum-exp fp32 [B, Hq, Lq] with `return_lse`. `config` overrides the launch shape
-    (benchmarks).
+    (benchmarks). `attention_dtype="fp8"` computes both products in e4m3 as `fp8.attend` specifies (Hopper and
+    newer, or the interpreter): K and V are quantised by a pre-pass (`triton_fp8.quantize_kv`), Q in the kernel.
     """
     _check_kernel_inputs(call)
+    fp8 = attention_dtype == "fp8"
     q, k, v, layout, key_range, block_size = call.q, call.k, call.v, call.layout, call.key_range, call.block_size
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     config = config or default_config(head_dim, block_size, q)
+    n_key_blocks = triton.cdiv(k_len, block_size)
+    if fp8:
+        operands = quantize_kv(k, v, block_size, key_range)
+        k, v = operands.k, operands.v
+        scales = (operands.k_scale, operands.v_scale, operands.k_mean)
     if block_size % config.block_m or block_size % config.block_n:
         raise ValueError(f"{config} does not fit block_size {block_size}: block_m and block_n must divide it.")
     if config.kv_loads not in KV_LOADS:
         raise ValueError(f"KernelConfig.kv_loads must be one of {KV_LOADS}; got {config.kv_loads!r}.")
-    if config.kv_loads != "pointer" and not (_tma_ready(k) and _tma_ready(v)):
+    if config.kv_loads != "pointer" and not (_tma_ready(k) and _tma_ready(v.transpose(-1, -2) if fp8 else v)):
         config = replace(config, kv_loads="pointer")
 
     scale, softcap = call.softmax_scale, call.softcap
@@ -414,22 +487,24 @@ def attend(call: AttentionCall, config: KernelConfig | None = None):
         count_strides, index_strides = counts.stride(), indices.stride()[:3]
     else:
         counts, indices, count_strides, index_strides = out, out, (0, 0, 0), (0, 0, 0)
-    k_desc, v_desc = _kv_operands(k, v, config, block_d)
+    k_desc, v_desc = _kv_operands(k, v, config, block_d, v_transposed=fp8)
+    if not fp8:
+        scales = (out, out, out)  # unused
 
     register_cap = {} if config.max_registers is None else {"maxnreg": config.max_registers}
     grid = (n_q_tiles * batch * q_heads,)
     device_context = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with device_context:
         _block_sparse_attention_kernel[grid](
-            q, k, v, out, lse, key_range_arg, counts, indices, k_desc, v_desc,
+            q, k, v, out, lse, key_range_arg, counts, indices, k_desc, v_desc, *scales,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *count_strides, *index_strides,
-            q_heads, kv_heads, q_len, k_len, n_q_tiles, indices.shape[-1] if layout is not None else 0,
+            q_heads, kv_heads, q_len, k_len, n_q_tiles, indices.shape[-1] if layout is not None else 0, n_key_blocks,
             scale * LOG2E, softcap_log2, softcap_arg,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             BLOCK_SIZE=block_size, DENSE=layout is None, CAUSAL=bool(call.causal), HAS_KEY_RANGE=key_range is not None,
             HAS_SOFTCAP=softcap is not None, RETURN_LSE=call.return_lse, KV_TMA=config.kv_loads == "tma",
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            COUNT_CHUNK=128, NUM_STAGES=config.num_stages,
+            COUNT_CHUNK=128, NUM_STAGES=config.num_stages, FP8=fp8, INTERPRET=triton_interpreter_on(),
             num_warps=config.num_warps, num_stages=config.num_stages, **register_cap,
         )
     return (out, lse) if call.return_lse else out
