@@ -42,12 +42,16 @@ CONFIG = BASE + ",min_budget_tokens=64,exact_tail_tokens=64,question_blocks=1"
 
 
 def paged_attention(*, q, k, v, out, cu_seqlens_q, seqused_k, block_table, softmax_scale, causal, softcap=0,
-                    window_size=None, **_):
+                    window_size=None, q_descale=None, k_descale=None, v_descale=None, **_):
     """flash_attn_varlen_func's contract in plain PyTorch: request i's queries q[cu[i]:cu[i+1]] attend, causally
     from the bottom right, to its first seqused_k[i] positions, position p in page block_table[i, p // page]; a
-    window (left, 0) keeps the `left` positions before each query's own."""
+    window (left, 0) keeps the `left` positions before each query's own. With an fp8 cache (FlashAttention 3), q,
+    k and v are e4m3 and the descales (one per request and KV head) multiply them back."""
     assert causal is True
     page, left = k.shape[1], (window_size or [-1])[0]
+    if k_descale is not None:  # one scale per layer in these tests
+        q = q.float() * (q_descale[0, 0] if q_descale is not None else 1)
+        k, v = k.float() * k_descale[0, 0], v.float() * v_descale[0, 0]
     for i in range(len(seqused_k)):
         start, stop, n = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(seqused_k[i])
         if stop == start:
@@ -211,6 +215,71 @@ def test_what_a_layer_is_decides_without_asking_about_a_device(setup, monkeypatc
     assert layer.dense_reason is None and asked == [None]
 
 
+def fp8_step(seed=0):
+    """`step`'s cache and queries as vLLM keeps them with `--kv-cache-dtype fp8`: the cache in e4m3 bytes of the
+    keys and values over their scales, the queries quantised by the attention layer (QuantFP8, static, per
+    tensor) before the backend sees them; and the layer's scales."""
+    common, cache, query = step(Q_LENS, SEQ_LENS, seed=seed)
+    scales = types.SimpleNamespace(_q_scale=torch.tensor(0.01), _k_scale=torch.tensor(0.02),
+                                   _v_scale=torch.tensor(0.005), layer_name=LAYER.layer_name)
+    e4m3 = torch.float8_e4m3fn
+    stored = torch.stack([(cache[:, 0] / scales._k_scale).clamp(-448, 448).to(e4m3),
+                          (cache[:, 1] / scales._v_scale).clamp(-448, 448).to(e4m3)], dim=1).view(torch.uint8)
+    return common, stored, (query / scales._q_scale).clamp(-448, 448).to(e4m3), scales
+
+
+def fp8_impl():
+    layer = backend.SparsePrefillImpl(HQ, D, D ** -0.5, HKV, None, None, "fp8")
+    layer.vllm_flash_attn_version, layer.supports_quant_query_input = 3, True  # FlashAttention 3, as fp8 needs
+    return layer
+
+
+def test_an_fp8_cache_goes_sparse_read_back_with_its_scales(setup, monkeypatch):
+    """With an fp8 KV cache the long requests still go sparse: keys, values and queries read back from e4m3 with
+    the layer's scales. At gamma=1 (exact), their rows equal FlashAttention 3's fp8 attention over the same cache,
+    and the other rows are FlashAttention's own, bit for bit."""
+    monkeypatch.setenv("SPARSE_PREFILL_CONFIG", CONFIG + ",gamma=1.0")
+    common, stored, query, scales = fp8_step(seed=4)
+    metadata = builder().build(0, common)
+    layer = fp8_impl()
+    assert layer.dense_reason is None
+    ran = []
+    monkeypatch.setattr(backend, "attend_alone", lambda q, k, v, *a, **kw: ran.append((q.dtype, k.dtype)) or
+                        per_request.attend_alone(q, k, v, *a, **kw))
+    out = layer.forward(scales, query, None, None, stored, metadata, torch.full(query.shape, float("nan")))
+    expected = flash_attn.FlashAttentionImpl.forward(layer, scales, query, None, None, stored,
+                                                     dataclasses.replace(metadata, step=None),
+                                                     torch.full(query.shape, float("nan")))
+    assert ran == [(torch.float32, torch.float32)] * 2  # the two long requests, read back in the model's dtype
+    torch.testing.assert_close(out[:TOKENS], expected[:TOKENS], rtol=1e-5, atol=1e-5)
+    for i in (0, 2, 3):
+        qs, qe = BOUNDS[i]
+        assert torch.equal(out[qs:qe], expected[qs:qe])
+    # read back without the scales (bytes as values), the long rows would differ: the scales are what is tested
+    plain = backend.Fp8Cache(torch.float8_e4m3fn, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0),
+                             torch.float32)
+    monkeypatch.setattr(backend, "Fp8Cache", lambda *a: plain)
+    wrong = layer.forward(scales, query, None, None, stored, metadata, torch.full(query.shape, float("nan")))
+    qs, qe = BOUNDS[1]
+    assert not torch.allclose(wrong[qs:qe], expected[qs:qe], atol=1e-2)
+
+
+def test_fp8_scales_per_kv_head_and_caches_the_sparse_path_cannot_read():
+    from sparse_prefill.patches.vllm.paged import Fp8Cache
+
+    cache = Fp8Cache(torch.float8_e4m3fn, torch.tensor([0.5, 2.0]), torch.tensor([1.0, 3.0]), torch.tensor(0.25),
+                     torch.bfloat16)
+    k = torch.tensor([[[[1.0, -2.0]], [[4.0, 0.5]]]]).to(torch.float8_e4m3fn).view(torch.uint8)  # [1, 2, 1, 2]
+    assert cache.keys(k).tolist() == [[[[1.0, -2.0]], [[12.0, 1.5]]]] and cache.keys(k).dtype == torch.bfloat16
+    q = torch.tensor([[[1.0], [1.0], [2.0], [2.0]]]).to(torch.float8_e4m3fn)  # [1 token, 4 heads over 2 KV heads, 1]
+    assert cache.queries(q).flatten().tolist() == [0.5, 0.5, 4.0, 4.0]
+    model_dtype = q.float().bfloat16()
+    assert cache.queries(model_dtype) is model_dtype  # a query in the model's dtype passes unchanged
+    with pytest.warns(SparsePrefillWarning, match="fp8_e5m2 KV cache"):
+        layer = backend.SparsePrefillImpl(HQ, D, D ** -0.5, HKV, None, None, "fp8_e5m2")
+    assert layer.dense_reason is not None
+
+
 def test_builder_plans_nothing_for_cuda_graph_capture_and_keeps_cascade_off_for_long_queries(setup):
     import numpy as np
 
@@ -262,9 +331,10 @@ ENGINE = textwrap.dedent("""
     from vllm import LLM, SamplingParams
     from sparse_prefill.patches.vllm import register
     register()  # as vLLM's plugin loader does for an installed package (the workers of tp > 1 need it installed)
-    model, backend, out, tp = sys.argv[1:5]
+    model, backend, out, tp, cache_dtype = sys.argv[1:6]
     llm = LLM(model, attention_backend=backend, max_model_len=8192, max_num_batched_tokens=1024,
-              enable_prefix_caching=False, gpu_memory_utilization=0.5, seed=0, tensor_parallel_size=int(tp))
+              enable_prefix_caching=False, gpu_memory_utilization=0.5, seed=0, tensor_parallel_size=int(tp),
+              kv_cache_dtype=cache_dtype)
     calls = None
     if backend == "CUSTOM" and tp == "1":  # the engine core runs here (VLLM_ENABLE_V1_MULTIPROCESSING=0)
         import sparse_prefill.patches.vllm.backend as sparse
@@ -277,15 +347,18 @@ ENGINE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_engine_gives_flash_attentions_tokens_at_gamma_1(tmp_path, tp):
+@pytest.mark.parametrize("tp,cache_dtype", [(1, "auto"), (2, "auto"), (1, "fp8")])
+def test_engine_gives_flash_attentions_tokens_at_gamma_1(tmp_path, tp, cache_dtype):
     """End to end on a real engine: prompts of 4000 and 3000 tokens prefilled in 1024-token chunks (so the sparse
     path runs middle and last chunks) beside two short ones, greedy, our backend at gamma=1 against FLASH_ATTN.
     gamma=1 is dense attention by another kernel (other bf16 rounding), so a near-tie may flip a late token: every
     first token must agree and 90 % of all; a wrong gather or misplaced rows would give other text altogether.
-    With tp=2 each rank attends its 7 of the 14 query heads and the KV head they read."""
+    With tp=2 each rank attends its 7 of the 14 query heads and the KV head they read. With an fp8 KV cache
+    (FlashAttention 3: Hopper) both engines keep e4m3 keys and values; ours reads them back for the sparse path."""
     if torch.cuda.device_count() < tp:
         pytest.skip(f"a vLLM engine with tensor_parallel_size={tp} needs {tp} CUDA GPU(s)")
+    if cache_dtype == "fp8" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("vLLM's FlashAttention keeps an fp8 KV cache on Hopper (FlashAttention 3) only")
     folder = model_folder()
     if folder is None:
         pytest.skip("no model folder: set SPARSE_PREFILL_VLLM_MODEL or fetch qwen2.5-coder-0.5b-instruct")
@@ -295,7 +368,7 @@ def test_engine_gives_flash_attentions_tokens_at_gamma_1(tmp_path, tp):
                "SPARSE_PREFILL_CONFIG": "gamma=1.0,min_seq_len=1024", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                "VLLM_USE_FLASHINFER_SAMPLER": "0"}  # greedy samples nothing; spares importing FlashInfer
         result = tmp_path / f"{name}.json"
-        proc = subprocess.run([sys.executable, "-c", ENGINE, folder, name, str(result), str(tp)], env=env,
+        proc = subprocess.run([sys.executable, "-c", ENGINE, folder, name, str(result), str(tp), cache_dtype], env=env,
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = json.loads(result.read_text())

@@ -17,8 +17,13 @@ Three subclasses add the rest:
 The builder also warms the kernels up for prompts up to max_model_len when it is made (`warm_up_engine`), so
 that no request waits for a Triton compile.
 
+An fp8 KV cache (`--kv-cache-dtype fp8`, FlashAttention 3 on Hopper): the sparse requests' keys and values are read
+back from the cache's bytes with its scales, and their queries, which vLLM quantised before this backend sees
+them, likewise (`paged.Fp8Cache`); the rest of the step is FlashAttention's own fp8 attention.
+
 What always runs FlashAttention unchanged, for the whole layer: layers with a sliding window, ALiBi, attention
-sinks or a non-decoder attention type; quantized (fp8) KV caches; decode context parallelism; head sizes or
+sinks or a non-decoder attention type; KV caches quantised otherwise than fp8 e4m3 with a scale per layer or per
+KV head (per-token scales, nvfp4); decode context parallelism; head sizes or
 dtypes the Triton kernels do not take; cascade attention, per-request causal flags and multimodal prefix ranges;
 a step being captured into a CUDA graph; vLLM's profiling run. Each is said once (SparsePrefillWarning).
 
@@ -49,7 +54,7 @@ from ..per_request import (
     warn_failed,
 )
 from . import ENV_WARM_UP, config_from_env, version_problem
-from .paged import StepRequests, gather_request_kv, read_step
+from .paged import Fp8Cache, StepRequests, gather_request_kv, read_step
 
 _problem = version_problem(getattr(vllm, "__version__", "unknown"))
 if _problem is not None:
@@ -57,6 +62,7 @@ if _problem is not None:
 
 try:
     from vllm.config import get_current_vllm_config_or_none
+    from vllm.platforms import current_platform
     from vllm.utils.torch_utils import is_quantized_kv_cache
     from vllm.v1.attention.backend import AttentionType
     from vllm.v1.attention.backends.flash_attn import (
@@ -82,6 +88,7 @@ class SparsePrefillMetadata(FlashAttentionMetadata):
 
 
 _WARMED: set[tuple] = set()  # shapes warmed up in this process (`per_request.warm_up_layer`)
+FP8_CACHES = ("fp8", "fp8_e4m3")  # the fp8 caches FlashAttention keeps (e4m3, a scale per layer or KV head)
 
 
 def warm_up_engine(vllm_config, kv_cache_spec, device, config: SparsePrefillConfig) -> int:
@@ -96,9 +103,12 @@ def warm_up_engine(vllm_config, kv_cache_spec, device, config: SparsePrefillConf
     heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
     config = rank_config(config, heads, heads * vllm_config.parallel_config.tensor_parallel_size)
     softcap = getattr(vllm_config.model_config.hf_text_config, "attn_logit_softcapping", None)
+    # an fp8 cache holds bytes; the sparse path reads it back in the model's dtype (paged.Fp8Cache)
+    dtype = kv_cache_spec.dtype if kv_cache_spec.dtype.is_floating_point and kv_cache_spec.dtype.itemsize > 1 \
+        else vllm_config.model_config.dtype
     try:
         return warm_up_layer(heads, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size, max_len, config,
-                             dtype=kv_cache_spec.dtype, device=device, softcap=softcap, done=_WARMED)
+                             dtype=dtype, device=device, softcap=softcap, done=_WARMED)
     except Exception as err:  # out of memory, a kernel this GPU cannot compile: serve all the same
         warn_once(f"sparse_prefill: the kernel warm-up failed ({type(err).__name__}: {err}); the first long "
                   "requests compile the kernels instead.")
@@ -160,8 +170,8 @@ class SparsePrefillImpl(FlashAttentionImpl):
         lacks = [name for name, present in (
             ("ALiBi layers", self.alibi_slopes is not None),
             ("attention sinks (not supported by the sparse path)", self.sinks is not None),
-            (f"a {self.kv_cache_dtype} KV cache (the sparse path reads fp16/bf16 caches)",
-             is_quantized_kv_cache(self.kv_cache_dtype)),
+            (f"a {self.kv_cache_dtype} KV cache (the sparse path reads fp16/bf16 caches and fp8 e4m3 ones)",
+             is_quantized_kv_cache(self.kv_cache_dtype) and self.kv_cache_dtype not in FP8_CACHES),
             ("decode context parallelism (each rank holds part of every request's keys)", self.dcp_world_size > 1),
         ) if present]
         window = None if tuple(self.sliding_window) == (-1, -1) else self.sliding_window[0] + 1
@@ -174,7 +184,7 @@ class SparsePrefillImpl(FlashAttentionImpl):
                 output_block_scale=None):
         step = getattr(attn_metadata, "step", None)
         if (step is None or self.dense_reason is not None or output_scale is not None
-                or output_block_scale is not None or not self._step_fits(query, attn_metadata)):
+                or output_block_scale is not None or not self._step_fits(query, attn_metadata, output.dtype)):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         with stats.in_layer(layer) if stats.RECORDERS else contextlib.nullcontext():  # `stats.record()`
@@ -186,18 +196,20 @@ class SparsePrefillImpl(FlashAttentionImpl):
             whole = dataclasses.replace(attn_metadata, seq_lens=step.dense_seq_lens, scheduler_metadata=None, step=None)
             FlashAttentionImpl.forward(self, layer, query, key, value, kv_cache, whole, output)
         requests = step.requests
+        fp8 = None if self.kv_cache_dtype not in FP8_CACHES else Fp8Cache(
+            current_platform.fp8_dtype(), layer._q_scale, layer._k_scale, layer._v_scale, output.dtype)
         for i in step.sparse_indices:
             (qs, qe), (_, seq_len) = requests.q_bounds[i], requests.k_bounds[i]
             marks = _marks()
             try:
-                k, v = gather_request_kv(kv_cache, attn_metadata.block_table[i], seq_len)
+                k, v = gather_request_kv(kv_cache, attn_metadata.block_table[i], seq_len, fp8)
                 if marks:
                     marks[1].record()
             except Exception as err:  # out of memory for a long request's copy, say: FlashAttention runs it
                 warn_failed(err)
                 out = None
             else:
-                q = query[qs:qe].transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D], a view
+                q = (query[qs:qe] if fp8 is None else fp8.queries(query[qs:qe])).transpose(0, 1).unsqueeze(0)
                 out = attend_alone(q, k, v, self.sparse_config, scale=self.scale,
                                    softcap=self.logits_soft_cap or None, last_chunk=requests.last_chunk[i])
             if out is None:  # it failed (out of memory, say): FlashAttention runs it alone
@@ -207,10 +219,13 @@ class SparsePrefillImpl(FlashAttentionImpl):
             _record(marks, layer, qe - qs, seq_len)
         return output
 
-    def _step_fits(self, query, metadata) -> bool:
-        """Whether this call can split its step (else FlashAttention runs all of it), saying why once if not."""
+    def _step_fits(self, query, metadata, dtype: torch.dtype) -> bool:
+        """Whether this call can split its step (else FlashAttention runs all of it), saying why once if not. `dtype`:
+        the model's, in which the sparse path reads a query vLLM quantised for an fp8 cache."""
         if metadata.use_cascade or metadata.causal is not True or metadata.mm_prefix_range_tensor is not None:
             return False  # features of a step, not of the layer: FlashAttention's, silently
+        if query.dtype != dtype and self.kv_cache_dtype in FP8_CACHES:
+            query = query[:0].to(dtype)
         reason = call_reason(query, self.sparse_config)  # a CUDA graph being captured, a query Triton cannot take
         if reason is not None:
             if not capturing(query):

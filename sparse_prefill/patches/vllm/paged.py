@@ -74,15 +74,59 @@ def read_step(query_start_loc: torch.Tensor, seq_lens: torch.Tensor | None, num_
     return StepRequests(requests, sparse) if any(sparse) else None
 
 
-def gather_request_kv(kv_cache: torch.Tensor, block_row: torch.Tensor,
-                      seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Fp8Cache:
+    """How vLLM keeps an fp8 KV cache (`--kv-cache-dtype fp8`): bytes that read as `dtype` (e4m3), each key the
+    stored value times `k_scale` and each value times `v_scale` (one scale per layer, or one per KV head), and the
+    query quantised the same way with `q_scale` before the attention backend sees it. The sparse path reads them
+    back in `into`, the model's dtype: the selection ranks blocks in it, and `attention_dtype` decides the
+    arithmetic of the kept blocks as for any other cache."""
+
+    dtype: torch.dtype
+    q_scale: torch.Tensor
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+    into: torch.dtype
+
+    def keys(self, k: torch.Tensor) -> torch.Tensor:
+        """[1, Hkv, L, D] bytes of the cache -> the keys in `into` (fp32 products, rounded once)."""
+        return (k.view(self.dtype).to(torch.float32) * _per_head(self.k_scale, k, 1)).to(self.into)
+
+    def values(self, v: torch.Tensor) -> torch.Tensor:
+        """As `keys`, with the values' scale."""
+        return (v.view(self.dtype).to(torch.float32) * _per_head(self.v_scale, v, 1)).to(self.into)
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """[Lq, Hq, D] as the layer quantised them (one scale, or one per KV head's group of query heads) -> `into`;
+        a query in the model's dtype (a backend that quantises none) is returned as it is."""
+        if q.dtype == self.into:
+            return q
+        scale = self.q_scale.to(device=q.device, dtype=torch.float32)
+        if scale.numel() > 1:  # per KV head: the group of query heads that reads it
+            scale = scale.repeat_interleave(q.shape[1] // scale.numel())[None, :, None]
+        return (q.to(torch.float32) * scale).to(self.into)
+
+
+def _per_head(scale: torch.Tensor, x: torch.Tensor, heads_dim: int) -> torch.Tensor:
+    """`scale` (one element, or one per head) shaped to multiply x along its heads dimension, in fp32."""
+    scale = scale.to(device=x.device, dtype=torch.float32)
+    if scale.numel() == 1:
+        return scale.reshape(())
+    shape = [1] * x.dim()
+    shape[heads_dim] = scale.numel()
+    return scale.reshape(shape)
+
+
+def gather_request_kv(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len: int,
+                      fp8: Fp8Cache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One request's keys and values, each [1, Hkv, seq_len, D], read from vLLM's paged cache.
 
     kv_cache: [num_blocks, 2, block_size, Hkv, D], vLLM's FlashAttention layout (keys at index 0 of dim 1,
     values at 1), with any strides (the "HND" layout is the same shape with permuted strides). block_row: the
     request's row of the block table (its pages in order; entries past its length are ignored). The result is
     strided like the [1, Hkv, L, D] views transformers passes (tokens then heads in memory), which the selection
-    and the kernel read without a copy.
+    and the kernel read without a copy. With `fp8` (an fp8 cache: its bytes), they are read back in the model's
+    dtype with the cache's scales (`Fp8Cache`).
     """
     page = kv_cache.shape[2]
     pages = block_row[:-(-seq_len // page)].to(device=kv_cache.device, dtype=torch.long)
@@ -91,4 +135,6 @@ def gather_request_kv(kv_cache: torch.Tensor, block_row: torch.Tensor,
         rows = kv_cache[:, which].index_select(0, pages)  # [n, page, Hkv, D]: one copy
         return rows.reshape(-1, *rows.shape[2:])[:seq_len].transpose(0, 1).unsqueeze(0)
 
-    return read(0), read(1)
+    if fp8 is None:
+        return read(0), read(1)
+    return fp8.keys(read(0)), fp8.values(read(1))
