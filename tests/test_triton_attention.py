@@ -247,23 +247,26 @@ def test_kernels_read_only_globals_a_compiled_kernel_may_read():
     function: Triton refuses a plain number at compile time ("Cannot access global variable"), and the interpreter
     these tests run under does not, so the mistake would first show on a GPU."""
     import importlib
+    import inspect
     import types
 
-    import triton
     import triton.language as tl
 
-    jitted = triton.runtime.jit.KernelInterface  # a JITFunction, or under the interpreter an InterpretedFunction
-    allowed = (tl.constexpr, tl.dtype, types.ModuleType, jitted)
+    def jitted(x) -> bool:  # a JITFunction, or under the interpreter an InterpretedFunction (no common base in 3.4)
+        return type(x).__module__.startswith("triton.") and inspect.isfunction(getattr(x, "fn", None))
+
+    allowed = (tl.constexpr, tl.dtype, types.ModuleType)
     checked = 0
     for name in ("sparse_prefill.kernels.triton_attention", "sparse_prefill.kernels.triton_fp8",
                  "sparse_prefill.selection.fused", "sparse_prefill.selection.fused_policy"):
         module = importlib.import_module(name)
         for kernel in vars(module).values():
-            if not isinstance(kernel, jitted) or kernel.fn.__module__ != name:
+            if not jitted(kernel) or kernel.fn.__module__ != name:
                 continue
             checked += 1
             for ref in kernel.fn.__code__.co_names:  # globals, and attribute names (tl.load's load), builtins
                 if ref in kernel.fn.__globals__:
                     value = kernel.fn.__globals__[ref]
-                    assert isinstance(value, allowed), f"{name}.{kernel.fn.__name__} reads the global {ref} = {value!r}"
+                    assert isinstance(value, allowed) or jitted(value), \
+                        f"{name}.{kernel.fn.__name__} reads the global {ref} = {value!r}"
     assert checked >= 10
