@@ -20,6 +20,11 @@ is computed:
   Triton >= 3.4) when the strides allow it, else through plain pointer loads. `head_dim` is padded
   in registers to a power of two; TMA's out-of-bounds fill (or load masks) supplies the zeros.
 
+* `attention_dtype="fp8"` (Hopper): the same program with a constexpr `FP8` (kernels/fp8.py is its
+  specification). K and V come from a pre-pass in e4m3 (triton_fp8.py: K smoothed by its mean, V stored
+  with the keys contiguous, one scale per block); the query tile is rounded to e4m3 here; P is scaled
+  per row and tile, and each tile's P.V is added to the fp32 accumulator with its scales.
+
 No host synchronisation: counts and indices are read on the device, and the layout's `indices` may
 be wider than the rows' counts (only `counts[b, h, i]` entries of row i are read).
 """
