@@ -215,11 +215,13 @@ def check(device, variants):
             seen = torch.isfinite(ref_lse)
             lse_err = (lse[seen] - ref_lse[seen]).abs().max().item()
             spec_err = ""
-            if dtype_of(spec) == "fp8":  # e4m3's error against exact; against its own specification, bf16's
+            if dtype_of(spec) == "fp8":  # e4m3's error against exact, no more than its specification's
                 want = fp8.attend(AttentionCall(q, k, v, layout, return_lse=True, key_range=key_range))[0]
-                err["vs_spec"] = errors(out, want)["rel_l2"]
-                spec_err = f" vs spec {err['vs_spec']:.2e}"
-                good = err["rel_l2"] < 0.1 and err["vs_spec"] < 1e-2 and lse_err < 0.1
+                err["vs_spec"], err["spec_rel_l2"] = errors(out, want)["rel_l2"], errors(want, ref)["rel_l2"]
+                spec_err = f" vs spec {err['vs_spec']:.2e} (spec {err['spec_rel_l2']:.2e})"
+                # tiles smaller than blocks (head_dim 256) scale per tile: further from the spec, as accurate
+                good = (err["rel_l2"] <= 1.1 * err["spec_rel_l2"] + 1e-3 and err["vs_spec"] < 5e-2
+                        and lse_err < 0.1)
             else:
                 good = err["rel_l2"] < 1e-2 and lse_err < 1e-2
             good = (good and torch.equal(seen, torch.isfinite(lse)) and out.stride() == q.stride()
