@@ -381,7 +381,8 @@ def test_engine_gives_flash_attentions_tokens_at_gamma_1(tmp_path, tp, cache_dty
 
 def engine_config(max_model_len=131072, heads=14, tp=1, softcap=None):
     model = types.SimpleNamespace(max_model_len=max_model_len, get_num_attention_heads=lambda parallel: heads // tp,
-                                  hf_text_config=types.SimpleNamespace(attn_logit_softcapping=softcap))
+                                  hf_text_config=types.SimpleNamespace(attn_logit_softcapping=softcap),
+                                  dtype=torch.float16)
     return types.SimpleNamespace(model_config=model, parallel_config=types.SimpleNamespace(tensor_parallel_size=tp))
 
 
@@ -409,6 +410,10 @@ def test_the_builder_warms_the_kernels_up_once_for_the_engines_context(monkeypat
     monkeypatch.setenv("SPARSE_PREFILL_WARM_UP", "lots")
     with pytest.raises(ValueError, match="SPARSE_PREFILL_WARM_UP"):
         backend.warm_up_engine(engine_config(), spec, torch.device("cpu"), config)
+    monkeypatch.setenv("SPARSE_PREFILL_WARM_UP", "16384")  # an fp8 cache holds bytes: the model's dtype is warmed
+    fp8 = types.SimpleNamespace(num_kv_heads=2, head_size=64, dtype=torch.uint8)
+    assert backend.warm_up_engine(engine_config(), fp8, torch.device("cpu"), config) == 7
+    assert calls[-1][1]["dtype"] == torch.float16
 
 
 def test_a_failed_warm_up_is_said_and_the_engine_goes_on(monkeypatch):
