@@ -1,5 +1,5 @@
-"""Triton's interpreter (TRITON_INTERPRET=1, how the tests run every kernel on CPU) on Triton 3.4-3.6 with
-numpy >= 2.4.
+"""Triton's interpreter (TRITON_INTERPRET=1, how the tests run every kernel on CPU): whether it is on
+(`interpreting`), and a fix for it on Triton 3.4-3.6 with numpy >= 2.4 (`fix_interpreter_scalars`).
 
 The interpreter holds each scalar as a one-element numpy array. Triton 3.4-3.6 turn one into a Python int
 with `int(array)`, which numpy 2.4 refuses for an array with a dimension ("only 0-dimensional arrays can be
@@ -37,3 +37,9 @@ def fix_interpreter_scalars() -> bool:
 
     interpreter._patch_lang_tensor = patch_lang_tensor
     return True
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run through the interpreter (TRITON_INTERPRET set): the kernels that round to e4m3
+    then round onto its grid first (triton_fp8.to_e4m3)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

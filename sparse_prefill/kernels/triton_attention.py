@@ -40,6 +40,7 @@ import triton.language as tl
 
 from ..layout import BlockLayout
 from .call import AttentionCall
+from .interpreter import interpreting
 from .support import TRITON_BLOCK_SIZES, TRITON_DTYPES, TRITON_HEAD_DIMS
 from .triton_fp8 import quantize_kv, to_e4m3
 
@@ -396,9 +397,7 @@ def _check_kernel_inputs(call: AttentionCall) -> None:
 
 
 def triton_interpreter_on() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return interpreting()
 
 
 def _tma_ready(t: torch.Tensor) -> bool:

@@ -1,5 +1,7 @@
 """The FP8 kernel's operands: K (smoothed) and V in e4m3 with one scale per (batch, KV head, block), written by a
-Triton pre-pass that reads each once. `fp8.quantize_blocks` is its specification, bit for bit (tested).
+Triton pre-pass that reads each once. `fp8.quantize_blocks` is its specification: bit for bit under the interpreter
+(tested); on a GPU a scale may differ in its last bit, where torch divides by a Python number as a multiplication by
+its reciprocal (tests/test_fp8_gpu.py).
 
 `quantize_kv` returns what `triton_attention.attend(..., attention_dtype="fp8")` passes to the attention kernel:
 
@@ -22,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import fp8
+from .interpreter import interpreting
 
 E4M3 = tl.float8e4nv  # torch.float8_e4m3fn: 4 exponent bits, 3 mantissa bits, no infinities, 448 largest
 
@@ -82,12 +85,6 @@ def _quantize_blocks_kernel(
     tl.store(Scale + bh.to(tl.int64) * n_blocks + block, scale)
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def quantize(x: torch.Tensor, block_size: int, mean: torch.Tensor | None = None, transposed: bool = False):
     """`fp8.quantize_blocks(x - mean, block_size)` in one pass over x: (data, scale). x [B, H, L, D] in any float
     dtype and strides; mean fp32 [B, H, D] or None. With `transposed`, data is stored [B, H, D, L] (L padded to
@@ -105,7 +102,7 @@ def quantize(x: torch.Tensor, block_size: int, mean: torch.Tensor | None = None,
         _quantize_blocks_kernel[(n_blocks, batch * heads)](
             x, mean if mean is not None else scale, data, scale, *x.stride(), *data.stride(),
             heads, length, n_blocks, HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
-            SMOOTH=mean is not None, TRANSPOSED=transposed, INTERPRET=_interpreting(),
+            SMOOTH=mean is not None, TRANSPOSED=transposed, INTERPRET=interpreting(),
             num_warps=4 if block_size * dim <= 8192 else 8)
     return data, scale
 
