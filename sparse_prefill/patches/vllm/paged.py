@@ -89,32 +89,24 @@ class Fp8Cache:
     into: torch.dtype
 
     def keys(self, k: torch.Tensor) -> torch.Tensor:
-        """[1, Hkv, L, D] bytes of the cache -> the keys in `into` (fp32 products, rounded once)."""
-        return (k.view(self.dtype).to(torch.float32) * _per_head(self.k_scale, k, 1)).to(self.into)
+        """[1, Hkv, L, D] bytes of the cache -> the keys in `into`."""
+        return self._read(k, self.k_scale)
 
     def values(self, v: torch.Tensor) -> torch.Tensor:
-        """As `keys`, with the values' scale."""
-        return (v.view(self.dtype).to(torch.float32) * _per_head(self.v_scale, v, 1)).to(self.into)
+        return self._read(v, self.v_scale)
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
-        """[Lq, Hq, D] as the layer quantised them (one scale, or one per KV head's group of query heads) -> `into`;
-        a query in the model's dtype (a backend that quantises none) is returned as it is."""
-        if q.dtype == self.into:
-            return q
-        scale = self.q_scale.to(device=q.device, dtype=torch.float32)
-        if scale.numel() > 1:  # per KV head: the group of query heads that reads it
-            scale = scale.repeat_interleave(q.shape[1] // scale.numel())[None, :, None]
-        return (q.to(torch.float32) * scale).to(self.into)
+        """[Lq, Hq, D] as the layer quantised them -> `into`; a query in the model's dtype (a backend that
+        quantises none) is returned as it is."""
+        return q if q.dtype == self.into else self._read(q, self.q_scale)
 
-
-def _per_head(scale: torch.Tensor, x: torch.Tensor, heads_dim: int) -> torch.Tensor:
-    """`scale` (one element, or one per head) shaped to multiply x along its heads dimension, in fp32."""
-    scale = scale.to(device=x.device, dtype=torch.float32)
-    if scale.numel() == 1:
-        return scale.reshape(())
-    shape = [1] * x.dim()
-    shape[heads_dim] = scale.numel()
-    return scale.reshape(shape)
+    def _read(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x (heads in dim 1) as `dtype`, times `scale` (one, or one per KV head, which a KV head's group of query
+        heads shares), in fp32 and rounded once to `into`."""
+        scale = scale.to(device=x.device, dtype=torch.float32).reshape(-1)
+        if scale.numel() > 1:
+            scale = scale.repeat_interleave(x.shape[1] // scale.numel()).reshape(1, -1, *[1] * (x.dim() - 2))
+        return (x.view(self.dtype).to(torch.float32) * scale).to(self.into)
 
 
 def gather_request_kv(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len: int,
