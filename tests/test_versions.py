@@ -17,7 +17,7 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
 import sparse_prefill.kernels  # noqa: F401  (importing the kernels mends old interpreters)
-from sparse_prefill.kernels.triton_attention import triton_interpreter_on
+from sparse_prefill.kernels.interpreter import interpreting
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def _sum_first_n(x_ptr, n_ptr, out_ptr):
 def test_interpreted_loops_with_runtime_bounds_run():
     # Triton 3.4-3.6 + numpy >= 2.4 raised "only 0-dimensional arrays can be converted to Python scalars" here,
     # as in every loop of the attention and selection kernels.
-    if not (torch.cuda.is_available() or triton_interpreter_on()):
+    if not (torch.cuda.is_available() or interpreting()):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.arange(1.0, 9.0, device=device)

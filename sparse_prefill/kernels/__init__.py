@@ -61,16 +61,13 @@ def block_sparse_attention(
         if not triton:  # the reference's FP8 twin: slow, exactly the kernel's specification
             return fp8.attend(call)
         reason = fp8_triton_supports(q, call.block_size)
-        if reason is None:
-            from . import triton_attention
-
-            return triton_attention.attend(call, attention_dtype="fp8")
-        dtype = str(q.dtype).removeprefix("torch.")
-        warn_once(f"attention_dtype='fp8' runs in {dtype} here: {reason}.")
+        if reason is not None:
+            warn_once(f"attention_dtype='fp8' runs in {str(q.dtype).removeprefix('torch.')} here: {reason}.")
+            attention_dtype = "auto"
     if triton:
         from . import triton_attention
 
-        return triton_attention.attend(call)
+        return triton_attention.attend(call, attention_dtype=attention_dtype)
     return reference.attend(call)
 
 

@@ -87,9 +87,9 @@ def key_mean(k: torch.Tensor, key_range: torch.Tensor | None = None) -> torch.Te
     """fp32 [B, Hkv, 1, D]: k's mean over each batch row's valid keys (all, or key_range's [start, end)), the
     offset smoothing removes. Padding keys would pull it towards whatever they hold; a row without valid keys
     gets 0 (its queries see no key anyway)."""
+    if key_range is None:  # one read of K in its own dtype, summed in fp32
+        return k.mean(2, dtype=torch.float32, keepdim=True)
     keys = k.float()
-    if key_range is None:
-        return keys.mean(2, keepdim=True)
     positions = torch.arange(k.shape[2], device=k.device)
     inside = (positions >= key_range[:, :1]) & (positions < key_range[:, 1:])  # [B, Lk]
     count = inside.sum(-1).clamp_min(1).to(torch.float32)

@@ -20,7 +20,7 @@ FIXED_IN = (3, 7)  # the first Triton whose interpreter converts with squeeze()
 def fix_interpreter_scalars() -> bool:
     """Give Triton 3.4-3.6's interpreter the scalar conversion of Triton 3.7 (a no-op unless TRITON_INTERPRET
     is set and that Triton is installed); True when it patched."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not interpreting():
         return False
     try:
         import triton

@@ -390,14 +390,10 @@ def _check_kernel_inputs(call: AttentionCall) -> None:
                          "Use backend='torch'.")
     if call.block_size not in TRITON_BLOCK_SIZES:
         raise ValueError(f"the Triton kernel takes block_size 64 or 128; got {call.block_size}. Use backend='torch'.")
-    if q.device.type != "cuda" and not triton_interpreter_on():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"the Triton kernel needs CUDA tensors (got {q.device}) unless TRITON_INTERPRET=1.")
     if call.layout is not None and call.layout.device != q.device:
         raise ValueError(f"the layout is on {call.layout.device} but q is on {q.device}; move it with layout.to().")
-
-
-def triton_interpreter_on() -> bool:
-    return interpreting()
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
@@ -463,14 +459,13 @@ def attend(call: AttentionCall, config: KernelConfig | None = None, attention_dt
     kv_heads, k_len = k.shape[1], k.shape[2]
     config = config or default_config(head_dim, block_size, q)
     n_key_blocks = triton.cdiv(k_len, block_size)
-    if fp8:
-        operands = quantize_kv(k, v, block_size, key_range)
-        k, v = operands.k, operands.v
-        scales = (operands.k_scale, operands.v_scale, operands.k_mean)
     if block_size % config.block_m or block_size % config.block_n:
         raise ValueError(f"{config} does not fit block_size {block_size}: block_m and block_n must divide it.")
     if config.kv_loads not in KV_LOADS:
         raise ValueError(f"KernelConfig.kv_loads must be one of {KV_LOADS}; got {config.kv_loads!r}.")
+    operands = quantize_kv(k, v, block_size, key_range) if fp8 else None
+    if fp8:
+        k, v = operands.k, operands.v
     if config.kv_loads != "pointer" and not (_tma_ready(k) and _tma_ready(v.transpose(-1, -2) if fp8 else v)):
         config = replace(config, kv_loads="pointer")
 
@@ -492,8 +487,7 @@ def attend(call: AttentionCall, config: KernelConfig | None = None, attention_dt
     else:
         counts, indices, count_strides, index_strides = out, out, (0, 0, 0), (0, 0, 0)
     k_desc, v_desc = _kv_operands(k, v, config, block_d, v_transposed=fp8)
-    if not fp8:
-        scales = (out, out, out)  # unused
+    scales = (operands.k_scale, operands.v_scale, operands.k_mean) if fp8 else (out, out, out)  # out: unused
 
     register_cap = {} if config.max_registers is None else {"maxnreg": config.max_registers}
     grid = (n_q_tiles * batch * q_heads,)
@@ -508,7 +502,7 @@ def attend(call: AttentionCall, config: KernelConfig | None = None, attention_dt
             BLOCK_SIZE=block_size, DENSE=layout is None, CAUSAL=bool(call.causal), HAS_KEY_RANGE=key_range is not None,
             HAS_SOFTCAP=softcap is not None, RETURN_LSE=call.return_lse, KV_TMA=config.kv_loads == "tma",
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            COUNT_CHUNK=128, NUM_STAGES=config.num_stages, FP8=fp8, INTERPRET=triton_interpreter_on(),
+            COUNT_CHUNK=128, NUM_STAGES=config.num_stages, FP8=fp8, INTERPRET=interpreting(),
             num_warps=config.num_warps, num_stages=config.num_stages, **register_cap,
         )
     return (out, lse) if call.return_lse else out

@@ -121,11 +121,7 @@ class Fp8KV:
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_size: int, key_range: torch.Tensor | None = None) -> Fp8KV:
     """K smoothed by its mean over the valid keys (`fp8.key_mean`) and V, each in e4m3 per (batch, KV head,
     block of `block_size` keys)."""
-    if key_range is None:  # one read of K in its own dtype, summed in fp32
-        mean = k.mean(2, dtype=torch.float32)
-    else:
-        mean = fp8.key_mean(k, key_range).squeeze(2)
-    mean = mean.contiguous()
+    mean = fp8.key_mean(k, key_range).squeeze(2).contiguous()
     k8, k_scale = quantize(k, block_size, mean)
     v8, v_scale = quantize(v, block_size, transposed=True)
     return Fp8KV(k8, k_scale, v8, v_scale, mean)
